@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEMO_OUT ?= demo_out
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt requirements-nodeps.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/voco demo --out $(DEMO_OUT)
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) Testing/benchmarks/bench_pretrain.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT)

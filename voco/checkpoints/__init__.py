@@ -1,0 +1,1 @@
+"""Checkpoint files: atomic writing, safe reading."""

@@ -1,0 +1,65 @@
+"""Writing checkpoints and outputs so that a crash never leaves a half-written file, and reading
+checkpoints without ever running code from them."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..errors import VocoInputError
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    The temporary name ends in the same suffixes (``.nii.gz``), so writers that pick the format
+    from the name (nibabel, matplotlib) write the right one.
+
+    On any error the temporary file is removed and ``path`` keeps its old content (or stays absent).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(state: dict, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """``torch.load(weights_only=True)`` with one-line errors for missing, truncated, foreign
+    and code-carrying files."""
+    path = Path(path)
+    if not path.is_file():
+        raise VocoInputError("checkpoint does not exist", path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()
+        hint = next((line for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
+        raise VocoInputError(f"refused: the checkpoint contains pickled code or objects that weights-only "
+                             f"loading does not allow ({hint.strip()[:160]})", path) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise VocoInputError(f"not a readable PyTorch checkpoint (truncated or corrupt?): {first[:160]}", path) from None
+    if not isinstance(state, dict):
+        raise VocoInputError(f"not a checkpoint dictionary (found {type(state).__name__})", path)
+    return state

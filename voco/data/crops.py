@@ -1,0 +1,115 @@
+"""Cutting base and target crops out of preprocessed volumes, labelling and augmenting them.
+
+All randomness of one training sample comes from a generator seeded by ``(seed, step, index)``,
+where ``index`` is the sample's place in the global batch. So the same step draws the same crops
+whether the batch runs in one process or is split over DDP ranks, and a resumed run draws
+exactly what an uninterrupted one would, with no generator state to save.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..geometry import base_grid, overlap_labels, sample_targets
+from ..presets import Preset
+
+
+def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, step, index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@dataclass
+class CropBatch:
+    crops: torch.Tensor          # (B, K + T, 1, e, e, e): bases first, then targets
+    labels: torch.Tensor         # (B, T, K) overlap of each target with each base
+    patch_starts: np.ndarray     # (B, 3) where each patch starts in its volume's index grid
+    target_boxes: np.ndarray     # (B, T, 6) target boxes in patch voxels
+    generators: list             # per-sample generators, for draws that come later (dropout)
+
+
+def extract_crops(patches: torch.Tensor, starts: torch.Tensor, edge: int) -> torch.Tensor:
+    """Gather cubes of ``edge`` voxels: ``patches (B, C, X, Y, Z)``, ``starts (B, N, 3)`` ->
+    ``(B, N, C, edge, edge, edge)``, in one indexing operation."""
+    steps = torch.arange(edge, device=patches.device)
+    x, y, z = (starts[..., a, None] + steps for a in range(3))          # (B, N, e) each
+    b = torch.arange(patches.shape[0], device=patches.device)[:, None, None, None, None]
+    out = patches.movedim(1, -1)[b, x[..., :, None, None], y[..., None, :, None], z[..., None, None, :]]
+    return out.movedim(-1, 2)                                            # (B, N, C, e, e, e)
+
+
+def draw_augmentation(generator: torch.Generator, count: int, edge: int, style: str) -> dict[str, torch.Tensor]:
+    """Per-crop augmentation parameters for ``count`` crops of ``edge`` voxels. ``voco``: flips on
+    3 axes and rot90 (p=0.2 each), intensity shift of up to 0.1 (p=0.3). ``nnssl`` adds
+    nnU-Net's Gaussian noise, brightness, contrast and gamma."""
+    def chance(p):
+        return torch.rand(count, generator=generator) < p
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * torch.rand(count, generator=generator)
+
+    params = {"flip": torch.rand(count, 3, generator=generator) < 0.2, "rot90": chance(0.2),
+              "shift": uniform(-0.1, 0.1) * chance(0.3)}
+    if style == "nnssl":
+        noisy = chance(0.1)
+        params.update(noisy=noisy,
+                      noise=uniform(0, 0.1)[noisy].view(-1, 1, 1, 1, 1)
+                      * torch.randn((int(noisy.sum()), 1, edge, edge, edge), generator=generator),
+                      brightness=torch.where(chance(0.15), uniform(0.75, 1.25), torch.ones(count)),
+                      contrast=torch.where(chance(0.15), uniform(0.75, 1.25), torch.ones(count)),
+                      gamma=torch.where(chance(0.3), uniform(0.7, 1.5), torch.ones(count)))
+    return params
+
+
+def augment(crops: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Apply drawn parameters to ``crops (N, C, e, e, e)``, all crops at once (masks, not loops)."""
+    def per_crop(v):
+        return v.to(crops.device, crops.dtype).view(-1, 1, 1, 1, 1)
+
+    for axis in range(3):
+        crops = torch.where(params["flip"][:, axis].to(crops.device).view(-1, 1, 1, 1, 1), crops.flip(2 + axis), crops)
+    crops = torch.where(params["rot90"].to(crops.device).view(-1, 1, 1, 1, 1), crops.rot90(1, (2, 3)), crops)
+    crops = crops + per_crop(params["shift"])
+    if "gamma" in params:
+        crops = crops.index_add(0, params["noisy"].nonzero()[:, 0].to(crops.device), params["noise"].to(crops.device, crops.dtype))
+        crops = crops * per_crop(params["brightness"])
+        mean = crops.mean(dim=(2, 3, 4), keepdim=True)
+        crops = (crops - mean) * per_crop(params["contrast"]) + mean
+        lo = crops.amin(dim=(2, 3, 4), keepdim=True)
+        span = crops.amax(dim=(2, 3, 4), keepdim=True) - lo + 1e-7
+        crops = ((crops - lo) / span).pow(per_crop(params["gamma"])) * span + lo
+    return crops
+
+
+def sample_batch(volumes, preset: Preset, seed: int, step: int, indices, device="cpu") -> CropBatch:
+    """Crops for one step. ``volumes[i]`` is the preprocessed image (1, X, Y, Z) of sample
+    ``indices[i]``; each is at least ``preset.patch_shape`` (preprocessing pads). Cutting,
+    resizing and augmenting run on ``device``."""
+    patch_shape = np.array(preset.patch_shape)
+    bases = base_grid(preset.grid, preset.crop_edge)
+    patches, starts, targets, params, generators = [], [], [], [], []
+    for image, index in zip(volumes, indices):
+        g = sample_generator(seed, step, index)
+        room = np.array(image.shape[1:]) - patch_shape + 1
+        start = (torch.rand(3, generator=g, dtype=torch.float64).numpy() * room).astype(np.int64)
+        patches.append(image[:, start[0]:start[0] + patch_shape[0], start[1]:start[1] + patch_shape[1],
+                             start[2]:start[2] + patch_shape[2]])
+        starts.append(start)
+        targets.append(sample_targets(g, preset.num_targets, patch_shape, preset.crop_edge))
+        params.append(draw_augmentation(g, preset.num_bases + preset.num_targets, preset.input_edge, preset.augment))
+        generators.append(g)
+    targets = np.stack(targets)
+    boxes = np.concatenate([np.broadcast_to(bases, (len(targets), *bases.shape)), targets], axis=1)
+    crops = extract_crops(torch.stack(patches).to(device), torch.from_numpy(boxes[..., :3].copy()).to(device),
+                          preset.crop_edge)
+    b, n = crops.shape[:2]
+    crops = crops.flatten(0, 1)
+    if preset.input_edge != preset.crop_edge:
+        crops = F.interpolate(crops, size=(preset.input_edge,) * 3, mode="trilinear", align_corners=False)
+    crops = augment(crops, {k: torch.cat([p[k] for p in params]) for k in params[0]}).view(b, n, *crops.shape[1:])
+    labels = torch.from_numpy(overlap_labels(targets, bases, preset.label_dims)).float().to(device)
+    return CropBatch(crops, labels, np.stack(starts), targets, generators)

@@ -1,0 +1,223 @@
+"""One volume from file to network input: read, check it is usable, preprocess with MONAI transforms.
+
+Affines map voxel indices to RAS millimetres. MONAI's spatial transforms update a MetaTensor's
+affine as they go, so the affine read off the result places every preprocessed voxel where it
+was in the source scan.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nrrd
+import numpy as np
+import torch
+from monai.data import MetaTensor, NrrdReader
+from monai.transforms import (
+    CropForeground,
+    LoadImage,
+    NormalizeIntensity,
+    Orientation,
+    Resize,
+    ScaleIntensityRange,
+    Spacing,
+    SpatialPad,
+)
+
+from voco.data.sources import image_suffix
+from voco.errors import VocoInputError
+
+MODALITIES = ("auto", "ct", "ct-chest", "mri")
+MIN_EDGE = 8  # voxels; the smallest VoCo crop is larger, and thinner stacks are really 2-D
+# HU windows scaled to [0, 1]: VoCo's soft-tissue window, and a wide one that keeps the lungs.
+CT_WINDOWS = {"ct": (-175.0, 250.0), "ct-chest": (-1000.0, 500.0)}
+# Air is -1000 HU in CT; MRI intensities are arbitrary but essentially non-negative.
+CT_MINIMUM = -500.0
+
+# Every MONAI reader used here returns RAS affines (NRRD's LPS is converted), so RAS labels are
+# given explicitly instead of letting Orientation guess them from the "space" metadata.
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+_HAS_ITK = importlib.util.find_spec("itk") is not None  # without importing it: that is slow
+
+
+@dataclass(eq=False)  # arrays and tensors have no single truth value to compare by
+class Volume:
+    """A preprocessed volume and the geometry that ties it to its file."""
+
+    path: Path
+    image: torch.Tensor  # float32 (1, X, Y, Z)
+    affine: np.ndarray  # 4x4 index -> RAS of `image`
+    source_affine: np.ndarray  # 4x4 index -> RAS of the file as read
+    source_shape: tuple[int, int, int]
+    modality: str  # "ct" or "mri"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How volumes are brought to a common form before cropping."""
+
+    modality: str = "auto"  # auto, ct, ct-chest or mri
+    spacing: tuple[float, float, float] | None = None  # mm; None keeps the file's spacing
+    resize_to: tuple[int, int, int] | None = None  # VoCo v1 resizes the foreground box to one patch
+    pad_to: tuple[int, int, int] | None = None  # pad each axis with 0 up to at least this size
+    foreground_crop: bool = True
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise VocoInputError(f"unknown modality '{self.modality}'; expected one of {', '.join(MODALITIES)}")
+
+
+def read_volume(path: str | Path) -> MetaTensor:
+    """The volume in ``path`` as a float32 MetaTensor ``(1, X, Y, Z)``, checked to be usable."""
+    path = Path(path)
+    if not path.exists():
+        raise VocoInputError("does not exist", path)
+    if not path.is_file():
+        raise VocoInputError("is not a file", path)
+    suffix = image_suffix(path)
+    if suffix in (".nrrd", ".nhdr"):
+        _check_nrrd_header(path)
+    if suffix in (".mha", ".mhd") and not _HAS_ITK:
+        raise VocoInputError("cannot be read as an image: .mha/.mhd files need ITK (pip install itk)", path)
+    # MONAI picks readers by suffix and has none for detached NRRD headers, which pynrrd reads.
+    reader = NrrdReader() if suffix == ".nhdr" else None
+    try:
+        image = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path), reader=reader)
+    except Exception as error:  # each library fails its own way on a bad file; all mean "unreadable"
+        raise VocoInputError(f"cannot be read as an image: {_one_line(error)}", path) from None
+    image = _single_volume(image, path)
+    _check_content(image, path)
+    return image
+
+
+def preprocess(image: MetaTensor, options: Preprocessing) -> tuple[torch.Tensor, np.ndarray, str]:
+    """``(image, affine, modality)`` after reorienting, cropping, resampling and intensity scaling.
+
+    ``image`` is what ``read_volume`` returns; the result is a plain float32 tensor, the 4x4
+    index -> RAS affine of its grid and the modality used ("ct" or "mri").
+    """
+    image = Orientation(axcodes="RAS", labels=_RAS_LABELS)(image)
+    modality = _resolve_modality(image, options.modality)
+    if options.foreground_crop:
+        threshold = CT_WINDOWS[modality][0] if modality in CT_WINDOWS else 0.0
+        image = CropForeground(select_fn=lambda values: values > threshold)(image)
+        if image.numel() == 0:
+            raise VocoInputError(f"has no foreground above {threshold:g}", image.meta.get("filename_or_obj"))
+    if options.spacing is not None:
+        image = Spacing(pixdim=options.spacing, mode="bilinear")(image)
+    if modality in CT_WINDOWS:
+        low, high = CT_WINDOWS[modality]
+        image = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(image)
+    else:
+        image = NormalizeIntensity(nonzero=True)(image)
+    if options.resize_to is not None:
+        image = Resize(spatial_size=options.resize_to, mode="trilinear")(image)
+    if options.pad_to is not None:
+        image = SpatialPad(spatial_size=options.pad_to, value=0)(image)
+    affine = image.affine.numpy().astype(np.float64)
+    return image.as_tensor().to(torch.float32).contiguous(), affine, "ct" if modality in CT_WINDOWS else "mri"
+
+
+def load_volume(path: str | Path, options: Preprocessing = Preprocessing()) -> Volume:
+    """Read ``path`` and preprocess it."""
+    source = read_volume(path)
+    # Taken before preprocessing, which may hand back the very tensor it was given.
+    source_affine = source.affine.numpy().astype(np.float64)
+    source_shape = tuple(int(edge) for edge in source.shape[1:])
+    image, affine, modality = preprocess(source, options)
+    return Volume(Path(path), image, affine, source_affine, source_shape, modality)
+
+
+def load_volumes(
+    paths: Sequence[str | Path],
+    options: Preprocessing,
+    on_warning: Callable[[str, Path], None],
+) -> list[Volume]:
+    """Load every usable volume of ``paths``.
+
+    With one path its error propagates. With several, each unusable file is reported as
+    ``on_warning(message, path)`` (``message`` is the one-line error, naming the file) and
+    skipped; only when none is usable is there an error.
+    """
+    if not paths:
+        raise VocoInputError("no images given")
+    if len(paths) == 1:
+        return [load_volume(paths[0], options)]
+    volumes, problems = [], []
+    for path in paths:
+        try:
+            volumes.append(load_volume(path, options))
+        except VocoInputError as error:
+            problems.append(str(error))
+            on_warning(str(error), Path(path))
+    if not volumes:
+        raise VocoInputError(f"none of the {len(paths)} images could be used; first problem: {problems[0]}")
+    return volumes
+
+
+def _check_nrrd_header(path: Path) -> None:
+    """Reject NRRDs MONAI's reader cannot place in space: no geometry, or several components."""
+    try:
+        header = nrrd.read_header(str(path))
+    except Exception as error:
+        raise VocoInputError(f"cannot be read as an image: {_one_line(error)}", path) from None
+    directions = header.get("space directions")
+    if directions is None:
+        raise VocoInputError("has no 'space directions': its voxel spacing and orientation are unknown", path)
+    # pynrrd gives a non-spatial axis (vector components, time) a row of NaN directions.
+    non_spatial = np.isnan(np.asarray(directions, dtype=np.float64)).all(axis=1)
+    points = int(np.prod(np.asarray(header["sizes"])[non_spatial]))
+    if points > 1:
+        raise VocoInputError(f"has {points} channels/time points; expected one 3-D volume", path)
+
+
+def _single_volume(image: MetaTensor, path: Path) -> MetaTensor:
+    """``image`` as ``(1, X, Y, Z)``, or the error saying why it is not one 3-D volume.
+
+    LoadImage with ensure_channel_first gives ``(C, X, Y, Z[, ...])`` for 4-D/5-D NIfTI (the
+    last axis moved first), ``(1, X, Y)`` for 2-D ones and a flat ``(0,)`` for empty ones.
+    """
+    if image.numel() == 0:
+        raise VocoInputError("is empty (0 voxels)", path)
+    points = int(np.prod(image.shape[:1] + image.shape[4:]))
+    if image.ndim >= 4 and points > 1:
+        raise VocoInputError(f"has {points} channels/time points; expected one 3-D volume", path)
+    image = image.reshape(image.shape[:4])
+    spatial = tuple(image.shape[1:])
+    extent_dims = sum(edge > 1 for edge in spatial)
+    if len(spatial) < 3 or extent_dims < 3:
+        raise VocoInputError(f"is {extent_dims}-D (shape {_shape_text(spatial)}); expected a 3-D volume", path)
+    if min(spatial) < MIN_EDGE:
+        raise VocoInputError(
+            f"is too small (shape {_shape_text(spatial)}); every axis needs at least {MIN_EDGE} voxels", path
+        )
+    return image
+
+
+def _check_content(image: torch.Tensor, path: Path) -> None:
+    if not torch.isfinite(image).all():
+        raise VocoInputError("contains NaN or infinite values", path)
+    low, high = image.aminmax()
+    if low == high:
+        raise VocoInputError(f"is constant (value {low.item():g}): no image content", path)
+
+
+def _resolve_modality(image: torch.Tensor, modality: str) -> str:
+    """``modality`` with "auto" decided: CT when the image reaches air-like values."""
+    if modality != "auto":
+        return modality
+    return "ct" if image.min().item() < CT_MINIMUM else "mri"
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(edge) for edge in shape)
+
+
+def _one_line(error: Exception) -> str:
+    """The first line of an exception's message, short enough for a one-line report."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(error).__name__
+    return reason if len(reason) <= 200 else reason[:197] + "..."

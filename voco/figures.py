@@ -1,0 +1,125 @@
+"""Pictures a person can read: the crop layout, position predictions, loss curves (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from .checkpoints.files import atomic_path  # noqa: E402
+
+# (name, axis cut through, horizontal axis, vertical axis) in RAS-oriented voxel indices.
+_VIEWS = (("axial", 2, 0, 1), ("coronal", 1, 0, 2), ("sagittal", 0, 1, 2))
+_TARGET_COLOURS = ("#ff3b30", "#ffcc00", "#34c759", "#af52de", "#ff9500", "#5ac8fa")
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _draw_box(ax, box, h, v, **style):
+    ax.add_patch(Rectangle((box[h] - 0.5, box[v] - 0.5), box[h + 3] - box[h], box[v + 3] - box[v], fill=False, **style))
+
+
+def _crosses(box, axis, index) -> bool:
+    return box[axis] <= index < box[axis + 3]
+
+
+def plot_layout(layout, path: Path) -> None:
+    """Three middle slices of the preprocessed volume through the patch, with the base grid
+    (white, numbered) and the targets (coloured) drawn over it."""
+    image = layout.volume.image[0].numpy()
+    start = layout.batch.patch_starts[0]
+    bases = layout.base_boxes + np.tile(start, 2)
+    targets = layout.target_boxes + np.tile(start, 2)
+    centre = start + np.array(layout.preset.patch_shape) // 2
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.4))
+    for ax, (name, cut, h, v) in zip(axes, _VIEWS):
+        plane = np.take(image, centre[cut], axis=cut)
+        ax.imshow(plane.T, cmap="gray", origin="lower", interpolation="nearest")
+        for k, box in enumerate(bases):
+            if _crosses(box, cut, centre[cut]):
+                _draw_box(ax, box, h, v, edgecolor="white", linewidth=1.0, alpha=0.8)
+                ax.text((box[h] + box[h + 3]) / 2, (box[v] + box[v + 3]) / 2, str(k), color="white",
+                        ha="center", va="center", fontsize=8, alpha=0.8)
+        for t, box in enumerate(targets):
+            if _crosses(box, cut, centre[cut]):
+                _draw_box(ax, box, h, v, edgecolor=_TARGET_COLOURS[t % len(_TARGET_COLOURS)], linewidth=2.2,
+                          linestyle="--", label=f"target {t}")
+        ax.set_title(f"{name} slice {centre[cut]}")
+        ax.set_xlabel(f"{'RAS'[h]} (voxels)")
+        ax.set_ylabel(f"{'RAS'[v]} (voxels)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize=8)
+    fig.suptitle(f"{Path(layout.volume.path).name}: preset {layout.preset.name}, "
+                 f"{layout.preset.num_bases} base crops (white), {len(targets)} targets (dashed)")
+    _save(fig, path)
+
+
+def plot_positions(layout, predicted: np.ndarray, path: Path) -> None:
+    """For each target: where it is (axial slice) and its predicted vs true overlap per base."""
+    truth = layout.labels
+    count = len(truth)
+    fig, axes = plt.subplots(count, 2, figsize=(13, 4.2 * count), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1.6]})
+    image = layout.volume.image[0].numpy()
+    start = layout.batch.patch_starts[0]
+    bases = layout.base_boxes + np.tile(start, 2)
+    for t in range(count):
+        target = layout.target_boxes[t] + np.tile(start, 2)
+        z = (target[2] + target[5]) // 2
+        ax = axes[t, 0]
+        ax.imshow(image[:, :, z].T, cmap="gray", origin="lower", interpolation="nearest")
+        for k, box in enumerate(bases):
+            if _crosses(box, 2, z):
+                _draw_box(ax, box, 0, 1, edgecolor="white", linewidth=0.8, alpha=0.6)
+                ax.text((box[0] + box[3]) / 2, (box[1] + box[4]) / 2, f"{predicted[t, k]:.2f}\n({truth[t, k]:.2f})",
+                        color="white", ha="center", va="center", fontsize=7)
+        _draw_box(ax, target, 0, 1, edgecolor=_TARGET_COLOURS[t % len(_TARGET_COLOURS)], linewidth=2.2, linestyle="--")
+        ax.set_title(f"target {t}: predicted (true) overlap per base")
+        ax = axes[t, 1]
+        k = np.arange(truth.shape[1])
+        ax.bar(k - 0.2, truth[t], 0.4, label="true", color="#8e8e93")
+        ax.bar(k + 0.2, predicted[t], 0.4, label="predicted", color=_TARGET_COLOURS[t % len(_TARGET_COLOURS)])
+        ax.set_xticks(k)
+        ax.set_xlabel("base crop")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"mean |error| {np.abs(predicted[t] - truth[t]).mean():.3f}")
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Step records of a run, one per step; after a resume the re-run steps replace the old ones."""
+    by_step = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_losses(metrics_path: Path, path: Path) -> None:
+    records = read_metrics(metrics_path)
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name in ("loss", "loss_pos", "loss_neg", "loss_reg", "loss_inter"):
+        if records and name in records[0]:
+            values = np.array([r[name] if r[name] is not None else np.nan for r in records], dtype=float)
+            window = max(1, len(values) // 50)
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1:], smooth, label=name, linewidth=2.0 if name == "loss" else 1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (moving average)")
+    ax.set_title("VoCo pretraining loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)

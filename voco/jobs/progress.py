@@ -1,0 +1,66 @@
+"""The progress protocol: how a running job tells the Slicer modules, the web front end and a
+person at a terminal what it is doing.
+
+``--progress jsonl`` writes every event as one JSON object on its own line on stdout, flushed at
+once. Every object has ``"event"``; the kinds and their fields are documented in README.md
+("Progress protocol"). Without it a human-readable progress bar goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+
+def _clean(value):
+    """JSON has no NaN/inf; send them as null so every line stays parseable."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class JsonLinesReporter:
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+
+    def emit(self, event: str, **fields) -> None:
+        record = {"event": event, "time": round(time.time(), 3)}
+        record.update({k: _clean(v) for k, v in fields.items()})
+        self.stream.write(json.dumps(record) + "\n")
+        self.stream.flush()
+
+
+class HumanReporter:
+    """One updating line for steps, ordinary lines for everything else."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+
+    def emit(self, event: str, **fields) -> None:
+        if event == "step":
+            total, step = fields["total"], fields["step"]
+            filled = int(30 * step / max(total, 1))
+            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{total} "
+                              f"loss {fields['loss']:.4f} lr {fields['lr']:.2e} "
+                              f"{fields['samples_per_s']:.2f} vol/s eta {fields['eta_s']:.0f}s ")
+            if step == total:
+                self.stream.write("\n")
+        else:
+            details = " ".join(f"{k}={v}" for k, v in fields.items())
+            self.stream.write(f"{event}: {details}\n")
+        self.stream.flush()
+
+
+class SilentReporter:
+    """For processes other than rank 0 of a distributed run."""
+
+    def emit(self, event: str, **fields) -> None:
+        pass
+
+
+def make_reporter(kind: str | None, rank: int = 0):
+    if rank != 0:
+        return SilentReporter()
+    return JsonLinesReporter() if kind == "jsonl" else HumanReporter()

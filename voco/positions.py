@@ -1,0 +1,71 @@
+"""What a pretrained VoCo model believes about position: for sampled targets of an image, the
+predicted overlap with each base crop next to the true one (``voco positions``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoints.files import load_checkpoint
+from .errors import VocoInputError
+from .layout import CropLayout, crop_layout, write_json, write_label_volume
+from .models.voco import Student, build_teacher, voco_forward
+from .training.pretrain import FORMAT, PretrainConfig
+
+
+def load_pretrained(path: str | Path, device="cpu"):
+    """Student, teacher and config from a ``voco pretrain`` checkpoint."""
+    state = load_checkpoint(path)
+    if state.get("format") != FORMAT:
+        raise VocoInputError("not a VoCo pretraining checkpoint (no 'format': 'voco-pretrain')", path)
+    config = PretrainConfig.from_dict(state["config"])
+    student = Student(config.backbone, config.preset, config.in_channels)
+    student.load_state_dict(state["student"])
+    teacher = build_teacher(student, config.preset)
+    if teacher is not None:
+        teacher.load_state_dict(state["teacher"])
+        teacher.to(device)
+    return student.to(device).eval(), teacher, config
+
+
+@torch.no_grad()
+def predict_positions(layout: CropLayout, student, teacher, device="cpu") -> np.ndarray:
+    logits, _ = voco_forward(student, teacher, layout.preset, layout.batch.crops.to(device))
+    return logits[0].float().cpu().numpy()
+
+
+def heatmap(layout: CropLayout, predicted: np.ndarray, target: int) -> np.ndarray:
+    """Predicted overlap of ``target`` with each base crop, painted over that crop on the input grid."""
+    index_map = layout.index_map()
+    values = np.concatenate([[0.0], predicted[target]]).astype(np.float32)
+    return values[index_map]
+
+
+def write_positions(image, checkpoint, out_dir, seed: int = 0, target: int = 0, device="cpu") -> dict[str, Path]:
+    from .figures import plot_positions
+
+    student, teacher, config = load_pretrained(checkpoint, device)
+    layout = crop_layout(image, config.preset, seed, config.modality)
+    if not 0 <= target < config.preset.num_targets:
+        raise VocoInputError(f"--target must be between 0 and {config.preset.num_targets - 1}, got {target}")
+    predicted = predict_positions(layout, student, teacher, device)
+    truth = layout.labels
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "positions.json", "figure": out / "positions.png", "volume": out / "positions.nii.gz"}
+    layout_json = layout.to_json()
+    write_json({
+        "image": str(image), "checkpoint": str(checkpoint), "seed": seed, "heatmap_target": target,
+        "preset": config.preset.name, "backbone": config.backbone,
+        "bases": layout_json["bases"],
+        "targets": [{**box, "true": truth[t].tolist(), "predicted": predicted[t].tolist(),
+                     "mean_abs_error": float(np.abs(predicted[t] - truth[t]).mean()),
+                     "predicted_base": int(predicted[t].argmax()), "true_base": int(truth[t].argmax())}
+                    for t, box in enumerate(layout_json["targets"])],
+        "mean_abs_error": float(np.abs(predicted - truth).mean()),
+    }, paths["json"])
+    plot_positions(layout, predicted, paths["figure"])
+    write_label_volume(heatmap(layout, predicted, target), layout.volume.source_affine, paths["volume"])
+    return paths

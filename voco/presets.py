@@ -1,0 +1,100 @@
+"""The published VoCo variants as data: crop geometry, loss form, teacher and optimiser.
+
+Numbers come from the VoCo paper (v1), VoCo-v2 and the OpenMind/nnssl re-implementation; see
+shared/VOCO_METHOD.md. ``demo`` is a scaled-down v2 that trains on two CPU cores in minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import VocoInputError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    grid: tuple[int, int, int]          # base crops along x, y, z
+    crop_edge: int                      # base/target crop edge, in voxels of the sampled patch
+    input_edge: int                     # edge the network sees (v1 resizes 96 -> 64)
+    num_targets: int                    # random target crops per volume
+    label_dims: Literal[2, 3]           # overlap as x-y area (v1/v2) or volume (nnssl)
+    patch_mode: Literal["resize_foreground", "random_crop"]
+    spacing: tuple[float, float, float] | None   # resample to this spacing (mm); None keeps it
+    neg_loss: Literal["square", "log"]  # zero-overlap term: v1 p^2, v2 -log(1 - p)
+    teacher: Literal["full", "head", "none"]     # EMA teacher of backbone+head, head only, none
+    inter_volume: bool                  # v2's cross-volume term
+    feature_dropout: float              # v2's Dropout1d on student embeddings
+    head_dim: int                       # projection head hidden and output width
+    head_norm: Literal["batch", "instance"]
+    augment: Literal["voco", "nnssl"]
+    optimizer: Literal["adamw", "sgd"]
+    lr: float
+    warmup_steps: int
+    ema_momentum: float = 0.9
+
+    @property
+    def patch_shape(self) -> tuple[int, int, int]:
+        """The patch the crops are cut from: exactly the base grid, so targets stay inside it."""
+        return tuple(n * self.crop_edge for n in self.grid)
+
+    @property
+    def num_bases(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+
+PRESETS: dict[str, Preset] = {
+    "v1": Preset("v1", (4, 4, 1), 96, 64, 2, 2, "resize_foreground", None, "square", "full", False,
+                 0.0, 2048, "batch", "voco", "adamw", 1e-4, 5000),
+    "v2": Preset("v2", (3, 3, 1), 64, 64, 2, 2, "random_crop", (1.5, 1.5, 1.5), "log", "head", True,
+                 0.2, 1024, "batch", "voco", "adamw", 1e-4, 5000),
+    "nnssl": Preset("nnssl", (4, 4, 1), 64, 64, 4, 3, "random_crop", (1.0, 1.0, 1.0), "log", "none", False,
+                    0.0, 1024, "instance", "nnssl", "sgd", 1e-2, 0),
+    "demo": Preset("demo", (3, 3, 1), 32, 32, 2, 2, "random_crop", (1.5, 1.5, 1.5), "log", "head", True,
+                   0.2, 256, "batch", "voco", "adamw", 1e-3, 20),
+}
+
+
+def parse_triple(text: str, kind=int, what: str = "value") -> tuple:
+    parts = text.replace("x", ",").split(",")
+    try:
+        values = tuple(kind(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or any(v <= 0 for v in values):
+        raise VocoInputError(f"{what} must be three positive numbers like 3,3,1, got {text!r}")
+    return values
+
+
+def resolve_preset(name: str, grid: str | None = None, crop_edge: int | None = None,
+                   num_targets: int | None = None, spacing: str | None = None) -> Preset:
+    """A named preset with the custom-grid overrides of the command line applied."""
+    if name not in PRESETS:
+        raise VocoInputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    changes = {}
+    if grid is not None:
+        changes["grid"] = parse_triple(grid, int, "--grid")
+    if crop_edge is not None:
+        if crop_edge < 32 or crop_edge % 32:
+            raise VocoInputError(f"--crop-edge must be a multiple of 32 (the backbone downsamples 32x), got {crop_edge}")
+        changes["crop_edge"] = changes["input_edge"] = crop_edge
+    if num_targets is not None:
+        if num_targets < 1:
+            raise VocoInputError(f"--targets must be at least 1, got {num_targets}")
+        changes["num_targets"] = num_targets
+    if spacing is not None:
+        changes["spacing"] = None if spacing == "native" else parse_triple(spacing, float, "--spacing")
+    if changes:
+        preset = dataclasses.replace(preset, name=f"{name}-custom" if "grid" in changes or "crop_edge" in changes else name, **changes)
+    if preset.num_bases < 2:
+        raise VocoInputError(f"the base grid {preset.grid} must have at least 2 crops")
+    return preset
+
+
+def preset_from_dict(values: dict) -> Preset:
+    fields = {f.name for f in dataclasses.fields(Preset)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
+    return Preset(**values)

@@ -52,7 +52,7 @@ PRESETS: dict[str, Preset] = {
                  0.2, 1024, "batch", "voco", "adamw", 1e-4, 5000),
     "nnssl": Preset("nnssl", (4, 4, 1), 64, 64, 4, 3, "random_crop", (1.0, 1.0, 1.0), "log", "none", False,
                     0.0, 1024, "instance", "nnssl", "sgd", 1e-2, 0),
-    "demo": Preset("demo", (3, 3, 1), 32, 32, 2, 2, "random_crop", (1.5, 1.5, 1.5), "log", "head", True,
+    "demo": Preset("demo", (3, 3, 1), 32, 32, 2, 2, "random_crop", (1.0, 1.0, 1.0), "log", "head", True,
                    0.2, 256, "batch", "voco", "adamw", 1e-3, 20),
 }
 
@@ -87,6 +87,10 @@ def resolve_preset(name: str, grid: str | None = None, crop_edge: int | None = N
         changes["num_targets"] = num_targets
     if spacing is not None:
         changes["spacing"] = None if spacing == "native" else parse_triple(spacing, float, "--spacing")
+    if changes.get("grid", (0, 0, 1))[2] > 1:
+        # The x-y area labels of v1/v2 assume one layer of bases; with several, a base under
+        # the target would count as overlapping it. Use the volume form instead.
+        changes["label_dims"] = 3
     if changes:
         preset = dataclasses.replace(preset, name=f"{name}-custom" if "grid" in changes or "crop_edge" in changes else name, **changes)
     if preset.num_bases < 2:

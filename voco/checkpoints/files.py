@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,12 +52,14 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise VocoInputError("checkpoint does not exist", path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the user needs one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()
-        hint = next((line for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
-        raise VocoInputError(f"refused: the checkpoint contains pickled code or objects that weights-only "
-                             f"loading does not allow ({hint.strip()[:160]})", path) from None
+        named = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line]
+        what = f" ({named[0][:120]})" if named else ""
+        raise VocoInputError(f"refused: it contains pickled code or objects{what}; only tensors and plain "
+                             "data are loaded (weights_only=True)", path) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise VocoInputError(f"not a readable PyTorch checkpoint (truncated or corrupt?): {first[:160]}", path) from None

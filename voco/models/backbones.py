@@ -25,6 +25,15 @@ SWIN_SIZES = {
 BACKBONES = (*SWIN_SIZES, "resencl")
 
 
+def check_input_edge(name: str, edge: int) -> None:
+    """Instance norm needs more than one voxel in the deepest map (1/32 of the input edge): the
+    published backbones need crops of at least 64 voxels; tiny (group norm) runs on 32."""
+    smallest = 32 if name == "swinunetr-tiny" else 64
+    if edge < smallest or edge % 32:
+        raise VocoInputError(f"the {name} backbone needs crops of at least {smallest} voxels in multiples of 32, "
+                             f"got {edge}; set --crop-edge")
+
+
 class SwinEncoder(nn.Module):
     """MONAI SwinUNETR's encoder half (``use_v2=True``): the Swin transformer plus the residual
     blocks on the input, the first three stages and the bottleneck. The embedding is the global

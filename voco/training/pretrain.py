@@ -26,6 +26,7 @@ from ..data.crops import sample_batch
 from ..data.sources import list_images
 from ..data.volumes import Preprocessing, load_volumes
 from ..errors import VocoInputError
+from ..models.backbones import check_input_edge
 from ..models.voco import Student, build_teacher, feature_keep_mask, teacher_source, voco_forward
 from ..presets import Preset, preset_from_dict
 from .distributed import init_distributed, shutdown
@@ -59,6 +60,7 @@ class PretrainConfig:
                 raise VocoInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
             raise VocoInputError(f"--lr must be positive, got {self.lr}")
+        check_input_edge(self.backbone, self.preset.input_edge)
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)

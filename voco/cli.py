@@ -50,7 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--log-every", type=int, default=None, help="steps between progress events (default 1)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--progress", choices=["jsonl", "human"], default="human")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
     p = sub.add_parser("crops", help="draw the crop layout of one image")
@@ -70,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: pretrain on real volumes shipped in packages, draw the results")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
-    p.add_argument("--progress", choices=["jsonl", "human"], default="human")
+    for command in sub.choices.values():
+        command.add_argument("--progress", choices=["jsonl", "human"], default="human",
+                             help="jsonl: one JSON event per line on stdout (see README)")
     return parser
 
 

@@ -46,24 +46,22 @@ def regulariser(bases: torch.Tensor) -> torch.Tensor:
     return similarity[:, upper].mean()
 
 
-def inter_volume_loss(student_targets: torch.Tensor, teacher_targets: torch.Tensor,
-                      teacher_bases: torch.Tensor) -> torch.Tensor:
-    """v2's cross-volume term: student targets of volume i against the bases of volume j != i.
+def inter_volume_loss(student_targets: torch.Tensor, student_bases: torch.Tensor, teacher_targets: torch.Tensor,
+                      teacher_bases: torch.Tensor, neg_form: str) -> torch.Tensor:
+    """v2's cross-volume term: the student's targets of volume i against its bases of volume j != i.
 
-    The teacher's own prediction for the same pair (detached) is the soft target; the distance
-    is penalised like the positive term, ``-log(1 - |y - p| + eps)``, averaged over pairs.
-    Returns 0 for a single volume (no pairs).
+    The teacher's prediction for the same pair (detached) is the soft label, scored with the
+    positive and zero-overlap terms as for the in-volume labels. Returns 0 for a single volume.
     """
     b = student_targets.shape[0]
     if b < 2:
         return student_targets.sum() * 0
-    # (B_i, 1, T, D) against (1, B_j, K, D) -> (B_i, B_j, T, K)
-    predicted = assign(student_targets[:, None], teacher_bases[None])
+    pairs = ~torch.eye(b, dtype=torch.bool, device=student_targets.device)
+    # (B_i, 1, T, D) against (1, B_j, K, D) -> (B_i, B_j, T, K) -> the (i, j != i) pairs
+    predicted = assign(student_targets[:, None], student_bases[None])[pairs]
     with torch.no_grad():
-        soft = assign(teacher_targets[:, None], teacher_bases[None])
-    off_diagonal = ~torch.eye(b, dtype=torch.bool, device=predicted.device)
-    distance = (soft - predicted).abs()[off_diagonal]
-    return -torch.log(1 - distance + EPS).mean()
+        soft = assign(teacher_targets[:, None], teacher_bases[None])[pairs]
+    return positive_loss(predicted, soft) + zero_overlap_loss(predicted, soft, neg_form)
 
 
 def voco_loss(logits, labels, student_bases, neg_form: str, inter: torch.Tensor | None = None) -> dict:

@@ -13,8 +13,8 @@ engine differs from the reference (GitHub Luffy03/VoCo):
 * EMA: ``EmaTeacher.update`` (foreach ops) against a Python loop over parameters.
 
 First the baseline's unaugmented crops, labels and loss terms are checked against the engine's on
-one batch. Then both run in one process, rounds interleaved, after an untimed warm-up step each;
-steps/s is 1 / the median step time. Every phase runs in turn (the reference overlaps data with
+one batch. Then both run in one process, step by step in turns (engine, baseline, baseline,
+engine, ...), after an untimed warm-up step each; steps/s is 1 / the median step time. Every phase runs in turn (the reference overlaps data with
 GPU compute in DataLoader workers, and deep-copies CacheDataset items, which is left out here).
 
     .venv/bin/python Testing/benchmarks/bench_pretrain.py [--preset v1 --steps 2 --rounds 1]
@@ -299,9 +299,11 @@ def main(argv=None) -> int:
     records = {side.name: [] for side in sides}
     for side in sides:
         side.step(0)  # warm-up, not timed
-    for r in range(args.rounds):
-        for side in sides:
-            records[side.name] += [side.step(1 + r * args.steps + s) for s in range(args.steps)]
+    for r in range(args.rounds):  # steps interleaved, first side alternating (ABBA): drifts in load hit both
+        for s in range(args.steps):
+            step = 1 + r * args.steps + s
+            for side in sides if step % 2 else sides[::-1]:
+                records[side.name].append(side.step(step))
     figures = {name: summary(recs, args.steps) for name, recs in records.items()}
     for name, fig in figures.items():
         phases = ", ".join(f"{PHASES[p]} {fig['seconds_per_step'][p]:.3f}" for p in PHASES)

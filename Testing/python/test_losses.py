@@ -147,43 +147,47 @@ def test_assign_equals_a_loop_of_cosine_similarities():
     assert (got == 0).any() and (got > 0).any()
 
 
-def loop_inter_volume(student_targets, teacher_targets, teacher_bases):
+def loop_inter_volume(s_targets, s_bases, t_targets, t_bases, form):
+    """The reference's shape: for each volume i and each other volume j, the student's targets of
+    i against its bases of j, labelled by the teacher's detached prediction for the same pair."""
     values = []
-    b, t, k = student_targets.shape[0], student_targets.shape[1], teacher_bases.shape[1]
+    b = s_targets.shape[0]
     for i in range(b):
         for j in range(b):
-            if i == j:
-                continue
-            for u in range(t):
-                for v in range(k):
-                    p = F.relu(F.cosine_similarity(student_targets[i, u], teacher_bases[j, v], dim=0))
-                    y = F.relu(F.cosine_similarity(teacher_targets[i, u], teacher_bases[j, v], dim=0)).detach()
-                    values.append(-torch.log(1 - (y - p).abs() + EPS))
-    return torch.stack(values).mean()
+            if i != j:
+                predicted = torch.stack([F.relu(F.cosine_similarity(s_targets[i, u][None], s_bases[j], dim=1))
+                                         for u in range(s_targets.shape[1])])
+                soft = torch.stack([F.relu(F.cosine_similarity(t_targets[i, u][None], t_bases[j], dim=1))
+                                    for u in range(t_targets.shape[1])]).detach()
+                pos = -(soft * torch.log(1 - (soft - predicted).abs() + EPS)).sum() / (soft.sum() + EPS)
+                zero = (soft == 0).to(predicted.dtype)
+                neg_values = predicted.pow(2) if form == "square" else -torch.log(1 - predicted + EPS)
+                values.append((pos, (zero * neg_values).sum() / (zero.sum() + EPS)))
+    return torch.stack([p for p, _ in values]).mean() + torch.stack([n for _, n in values]).mean()
 
 
 def test_inter_volume_loss_is_zero_for_one_volume():
     student = torch.randn(1, 2, 5, requires_grad=True)
-    value = inter_volume_loss(student, torch.randn(1, 2, 5), torch.randn(1, 3, 5))
+    value = inter_volume_loss(student, torch.randn(1, 3, 5), torch.randn(1, 2, 5), torch.randn(1, 3, 5), "log")
     assert value.item() == 0.0
     value.backward()  # still part of the graph, with a zero gradient
     assert torch.count_nonzero(student.grad) == 0
 
 
-def test_inter_volume_loss_equals_a_loop_over_other_volumes():
+@pytest.mark.parametrize("form", ["square", "log"])
+def test_inter_volume_loss_equals_a_loop_over_other_volumes(form):
     torch.manual_seed(4)
-    student = torch.randn(3, 2, 7, dtype=torch.float64, requires_grad=True)
-    teacher_targets, teacher_bases = torch.randn(3, 2, 7, dtype=torch.float64), torch.randn(3, 4, 7, dtype=torch.float64)
-    value = inter_volume_loss(student, teacher_targets, teacher_bases)
-    reference = loop_inter_volume(student, teacher_targets, teacher_bases)
+    s_targets = torch.randn(3, 2, 7, dtype=torch.float64, requires_grad=True)
+    s_bases = torch.randn(3, 4, 7, dtype=torch.float64, requires_grad=True)
+    t_targets, t_bases = torch.randn(3, 2, 7, dtype=torch.float64), torch.randn(3, 4, 7, dtype=torch.float64)
+    value = inter_volume_loss(s_targets, s_bases, t_targets, t_bases, form)
+    reference = loop_inter_volume(s_targets, s_bases, t_targets, t_bases, form)
     torch.testing.assert_close(value, reference, rtol=0, atol=1e-10)
-    (grad,) = torch.autograd.grad(value, student)
-    (reference_grad,) = torch.autograd.grad(reference, student)
-    torch.testing.assert_close(grad, reference_grad, rtol=0, atol=1e-10)
+    grads = torch.autograd.grad(value, (s_targets, s_bases))
+    reference_grads = torch.autograd.grad(reference, (s_targets, s_bases))
+    for grad, reference_grad in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, reference_grad, rtol=0, atol=1e-10)
     assert value.item() > 0
-    # A student that agrees with the teacher has zero distance everywhere: only the EPS is left.
-    agreed = inter_volume_loss(teacher_targets, teacher_targets, teacher_bases)
-    assert agreed.item() == pytest.approx(-math.log(1 + EPS), abs=1e-12)
 
 
 # -- gradcheck ------------------------------------------------------------------------------------
@@ -227,17 +231,15 @@ def test_gradcheck_assign_and_regulariser_of_non_negative_pairs():
 
 def test_gradcheck_inter_volume_loss():
     torch.manual_seed(6)
-    student = torch.randn(3, 2, 5, dtype=torch.float64)
-    teacher_targets = torch.randn(3, 2, 5, dtype=torch.float64)
-    teacher_bases = torch.randn(3, 3, 5, dtype=torch.float64)
-    predicted = F.normalize(student, dim=-1)[:, None] @ F.normalize(teacher_bases, dim=-1)[None].transpose(-1, -2)
-    soft = assign(teacher_targets[:, None], teacher_bases[None])
+    s_targets, s_bases = torch.randn(3, 2, 5, dtype=torch.float64), torch.randn(3, 3, 5, dtype=torch.float64)
+    t_targets, t_bases = torch.randn(3, 2, 5, dtype=torch.float64), torch.randn(3, 3, 5, dtype=torch.float64)
+    cos = F.normalize(s_targets, dim=-1)[:, None] @ F.normalize(s_bases, dim=-1)[None].transpose(-1, -2)
+    soft = assign(t_targets[:, None], t_bases[None])
     # Away from the ReLU kink, and from the |y - p| kink wherever the prediction is not clamped.
-    assert predicted.abs().min() > 1e-3
-    active = predicted > 0
-    assert (soft - predicted)[active].abs().min() > 1e-3
-    assert torch.autograd.gradcheck(lambda s: inter_volume_loss(s, teacher_targets, teacher_bases),
-                                    (student.requires_grad_(),))
+    assert cos.abs().min() > 1e-3
+    assert (soft - cos)[cos > 0].abs().min() > 1e-3
+    assert torch.autograd.gradcheck(lambda s, b: inter_volume_loss(s, b, t_targets, t_bases, "log"),
+                                    (s_targets.requires_grad_(), s_bases.requires_grad_()))
 
 
 # -- voco_loss ------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from voco.data.crops import augment, extract_crops, sample_batch, sample_generator
+from voco.data.crops import augment, extract_crops, sample_batch, sample_generator, tile_crops
 from voco.geometry import base_grid, overlap_labels
 from voco.models.backbones import SWIN_SIZES, build_backbone
 from voco.models.voco import (EmaTeacher, ProjectionHead, Student, build_teacher, feature_keep_mask,
@@ -173,7 +173,7 @@ def test_voco_forward_gives_overlaps_and_trains_only_the_student(name):
     keep = None
     if preset.feature_dropout > 0:
         shape = (preset.num_bases + preset.num_targets, student.backbone.embedding_dim)
-        keep = torch.stack([feature_keep_mask(g, shape, preset.feature_dropout, preset.num_bases)
+        keep = torch.stack([feature_keep_mask(g, shape, preset.feature_dropout)
                             for g in batch.generators])
         assert (keep[:, :preset.num_bases] == 1).all() and (keep == 0).any()
     logits, terms = voco_forward(student, teacher, preset, batch.crops, batch.labels, keep)
@@ -205,6 +205,13 @@ def test_extract_crops_equals_slicing_crop_by_crop():
         for n in range(4):
             x, y, z = starts[b, n].tolist()
             torch.testing.assert_close(crops[b, n], patches[b, :, x:x + edge, y:y + edge, z:z + edge], rtol=0, atol=0)
+
+
+def test_tile_crops_equals_gathering_the_base_grid():
+    patches = torch.randn((2, 1, 3 * 4, 2 * 4, 1 * 4), generator=torch.Generator().manual_seed(3))
+    bases = torch.from_numpy(base_grid((3, 2, 1), 4)[:, :3])
+    expected = extract_crops(patches, bases.expand(2, -1, -1), 4)
+    torch.testing.assert_close(tile_crops(patches, (3, 2, 1), 4), expected, rtol=0, atol=0)
 
 
 SAMPLE_PRESETS = {

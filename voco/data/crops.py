@@ -42,6 +42,15 @@ def extract_crops(patches: torch.Tensor, starts: torch.Tensor, edge: int) -> tor
     return out.movedim(-1, 2)                                            # (B, N, C, e, e, e)
 
 
+def tile_crops(patches: torch.Tensor, grid, edge: int) -> torch.Tensor:
+    """The base grid of each patch as crops, by one reshape (no index arithmetic):
+    ``(B, C, nx*e, ny*e, nz*e) -> (B, nx*ny*nz, C, e, e, e)`` in ``base_grid`` order."""
+    b, c = patches.shape[:2]
+    nx, ny, nz = grid
+    tiles = patches.reshape(b, c, nx, edge, ny, edge, nz, edge).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return tiles.reshape(b, nx * ny * nz, c, edge, edge, edge)
+
+
 def draw_augmentation(generator: torch.Generator, count: int, edge: int, style: str) -> dict[str, torch.Tensor]:
     """Per-crop augmentation parameters for ``count`` crops of ``edge`` voxels. ``voco``: flips on
     3 axes and rot90 (p=0.2 each), intensity shift of up to 0.1 (p=0.3). ``nnssl`` adds
@@ -70,9 +79,13 @@ def augment(crops: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tenso
     def per_crop(v):
         return v.to(crops.device, crops.dtype).view(-1, 1, 1, 1, 1)
 
+    def where(mask, transform):  # transform only the chosen crops (about 1 in 5)
+        chosen = mask.nonzero()[:, 0].to(crops.device)
+        return crops.index_copy(0, chosen, transform(crops.index_select(0, chosen)))
+
     for axis in range(3):
-        crops = torch.where(params["flip"][:, axis].to(crops.device).view(-1, 1, 1, 1, 1), crops.flip(2 + axis), crops)
-    crops = torch.where(params["rot90"].to(crops.device).view(-1, 1, 1, 1, 1), crops.rot90(1, (2, 3)), crops)
+        crops = where(params["flip"][:, axis], lambda x: x.flip(2 + axis))
+    crops = where(params["rot90"], lambda x: x.rot90(1, (2, 3)))
     crops = crops + per_crop(params["shift"])
     if "gamma" in params:
         crops = crops.index_add(0, params["noisy"].nonzero()[:, 0].to(crops.device), params["noise"].to(crops.device, crops.dtype))
@@ -103,9 +116,9 @@ def sample_batch(volumes, preset: Preset, seed: int, step: int, indices, device=
         params.append(draw_augmentation(g, preset.num_bases + preset.num_targets, preset.input_edge, preset.augment))
         generators.append(g)
     targets = np.stack(targets)
-    boxes = np.concatenate([np.broadcast_to(bases, (len(targets), *bases.shape)), targets], axis=1)
-    crops = extract_crops(torch.stack(patches).to(device), torch.from_numpy(boxes[..., :3].copy()).to(device),
-                          preset.crop_edge)
+    patches = torch.stack(patches).to(device)
+    crops = torch.cat([tile_crops(patches, preset.grid, preset.crop_edge),
+                       extract_crops(patches, torch.from_numpy(targets[..., :3]).to(device), preset.crop_edge)], dim=1)
     b, n = crops.shape[:2]
     crops = crops.flatten(0, 1)
     if preset.input_edge != preset.crop_edge:

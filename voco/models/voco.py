@@ -89,11 +89,9 @@ def teacher_source(student: Student, preset: Preset) -> nn.Module:
     return student if preset.teacher == "full" else student.head
 
 
-def feature_keep_mask(generator: torch.Generator, shape, p: float, num_bases: int) -> torch.Tensor:
-    """Dropout1d-style mask for the target crops' embeddings (bases are never dropped)."""
-    keep = (torch.rand(shape, generator=generator) >= p).float() / (1 - p)
-    keep[:num_bases] = 1.0
-    return keep
+def feature_keep_mask(generator: torch.Generator, shape, p: float) -> torch.Tensor:
+    """Dropout1d-style mask for the student's embeddings, drawn from the sample's generator."""
+    return (torch.rand(shape, generator=generator) >= p).float() / (1 - p)
 
 
 def voco_forward(student, teacher: EmaTeacher | None, preset: Preset, crops: torch.Tensor,
@@ -117,7 +115,7 @@ def voco_forward(student, teacher: EmaTeacher | None, preset: Preset, crops: tor
         t_bases, t_targets = t_projected[:, :k], t_projected[:, k:]
         logits = losses.assign(s_targets, t_bases)
         if preset.inter_volume:
-            inter = losses.inter_volume_loss(s_targets, t_targets, t_bases)
+            inter = losses.inter_volume_loss(s_targets, s_bases, t_targets, t_bases, preset.neg_loss)
     else:  # nnssl: no teacher
         logits = losses.assign(s_targets, s_bases)
     if labels is None:

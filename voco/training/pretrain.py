@@ -210,7 +210,7 @@ class Pretrainer:
         keep = None
         if preset.feature_dropout > 0:
             shape = (preset.num_bases + preset.num_targets, self.student.backbone.embedding_dim)
-            keep = torch.stack([feature_keep_mask(g, shape, preset.feature_dropout, preset.num_bases)
+            keep = torch.stack([feature_keep_mask(g, shape, preset.feature_dropout)
                                 for g in batch.generators]).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             _, terms = voco_forward(self.model, self.teacher, preset, batch.crops, batch.labels, keep)

@@ -22,7 +22,7 @@ from .training.pretrain import CHECKPOINT_NAME, METRICS_NAME, PretrainConfig, pr
 
 TRAINING_VOLUMES = ("mni152-t1", "spine-ct", "spine-mri")
 SHOWN_VOLUMES = ("mni152-t1", "spine-ct")
-DEFAULT_STEPS = 600
+DEFAULT_STEPS = 200
 
 
 def loss_drop(records: list[dict], fraction: float = 0.1) -> tuple[float, float]:

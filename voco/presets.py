@@ -53,7 +53,7 @@ PRESETS: dict[str, Preset] = {
     "nnssl": Preset("nnssl", (4, 4, 1), 64, 64, 4, 3, "random_crop", (1.0, 1.0, 1.0), "log", "none", False,
                     0.0, 1024, "instance", "nnssl", "sgd", 1e-2, 0),
     "demo": Preset("demo", (3, 3, 1), 32, 32, 2, 2, "random_crop", (1.0, 1.0, 1.0), "log", "head", True,
-                   0.2, 256, "batch", "voco", "adamw", 1e-3, 20),
+                   0.2, 256, "batch", "voco", "adamw", 1e-4, 20),
 }
 
 

@@ -13,15 +13,18 @@ engine differs from the reference (GitHub Luffy03/VoCo):
 * EMA: ``EmaTeacher.update`` (foreach ops) against a Python loop over parameters.
 
 First the baseline's unaugmented crops, labels and loss terms are checked against the engine's on
-one batch. Then both run in one process, step by step in turns (engine, baseline, baseline,
-engine, ...), after an untimed warm-up step each; steps/s is 1 / the median step time. Every phase runs in turn (the reference overlaps data with
-GPU compute in DataLoader workers, and deep-copies CacheDataset items, which is left out here).
+one batch. Then both train in one process, step by step in turns (engine, baseline, baseline,
+engine, ...) after an untimed warm-up step each; steps/s is 1 / the median step time. Phases run
+one after the other (the reference overlaps data with GPU compute in DataLoader workers, and
+deep-copies CacheDataset items, which is left out here).
 
     .venv/bin/python Testing/benchmarks/bench_pretrain.py [--preset v1 --steps 2 --rounds 1]
 """
+
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -73,8 +76,8 @@ class Side:
         if self.preset.feature_dropout == 0:
             return None
         shape = (self.preset.num_bases + self.preset.num_targets, self.student.backbone.embedding_dim)
-        return torch.stack([feature_keep_mask(g, shape, self.preset.feature_dropout, self.preset.num_bases)
-                            for g in generators]).to(self.device)
+        masks = [feature_keep_mask(g, shape, self.preset.feature_dropout) for g in generators]
+        return torch.stack(masks).to(self.device)
 
     def step(self, step: int) -> dict[str, float]:
         """One training step; returns the seconds spent in each phase."""
@@ -161,6 +164,14 @@ def regularization_loss(bases):
     return (total / pairs).squeeze(0)
 
 
+def ce_loss(labels, logits, neg_form: str):
+    """Positive and zero-overlap terms of one volume (or one volume pair), as the reference's ce_loss."""
+    pos = -(labels * torch.log(1 - (labels - logits).abs() + EPS)).sum() / (labels.sum() + EPS)
+    zero = (labels == 0).float()
+    values = logits ** 2 if neg_form == "square" else -torch.log(1 - logits + EPS)
+    return pos, (zero * values).sum() / (zero.sum() + EPS)
+
+
 def baseline_forward(student, teacher, preset, crops, labels, keep) -> dict:
     """The same network calls as ``voco_forward``; every loss term computed volume by volume."""
     k, batch = preset.num_bases, crops.shape[0]
@@ -180,21 +191,18 @@ def baseline_forward(student, teacher, preset, crops, labels, keep) -> dict:
             logits = online_assign(s_targets, t_projected[i, :k])
         else:
             logits = online_assign(s_targets, s_bases)
-        pos = pos - (y * torch.log(1 - (y - logits).abs() + EPS)).sum() / (y.sum() + EPS)
-        zero = (y == 0).float()
-        values = logits ** 2 if preset.neg_loss == "square" else -torch.log(1 - logits + EPS)
-        neg = neg + (zero * values).sum() / (zero.sum() + EPS)
-        reg = reg + regularization_loss(s_bases)
+        pos_i, neg_i = ce_loss(y, logits, preset.neg_loss)
+        pos, neg, reg = pos + pos_i, neg + neg_i, reg + regularization_loss(s_bases)
     terms = {"loss_pos": pos / batch, "loss_neg": neg / batch, "loss_reg": reg / batch}
-    if preset.inter_volume:  # v2: targets of volume i against the teacher's bases of volume j != i
-        inter, pairs = projected.sum() * 0, 0
+    if preset.inter_volume:  # v2: student targets of volume i against its bases of volume j != i,
+        inter, pairs = projected.sum() * 0, 0  # the teacher's prediction for the pair as soft label
         for i in range(batch):
             for j in range(batch):
                 if i != j:
                     with torch.no_grad():
                         soft = online_assign(t_projected[i, k:], t_projected[j, :k])
-                    predicted = online_assign(projected[i, k:], t_projected[j, :k])
-                    inter, pairs = inter - torch.log(1 - (soft - predicted).abs() + EPS).mean(), pairs + 1
+                    pos_ij, neg_ij = ce_loss(soft, online_assign(projected[i, k:], projected[j, :k]), preset.neg_loss)
+                    inter, pairs = inter + pos_ij + neg_ij, pairs + 1
         terms["loss_inter"] = inter / max(pairs, 1)
     terms["loss"] = sum(terms.values())
     return terms
@@ -232,13 +240,17 @@ class Baseline(Side):
 # --- checks, timing, report ---------------------------------------------------------------------
 
 def check_equivalence(engine: Engine, baseline: Baseline) -> dict[str, float]:
-    """Largest |difference| between the sides on the engine's batch of step 0 (one network)."""
-    preset, edge = engine.preset, engine.preset.crop_edge
+    """Largest |difference| between the sides on the engine's batch of step 0.
+
+    The network runs once; both losses then work in float64 on its outputs, because at
+    initialisation some predictions sit within 1e-7 of 1, where ``-log(1 - p)`` turns float32
+    rounding into differences of 1e-3 that would hide (or fake) a real one.
+    """
+    preset, edge, device = engine.preset, engine.preset.crop_edge, engine.device
     order, positions = engine.order(0)
-    batch = sample_batch([engine.volumes[i].image for i in order], preset, SEED, 0, positions, engine.device)
+    batch = sample_batch([engine.volumes[i].image for i in order], preset, SEED, 0, positions, device)
     layouts = list(zip(batch.patch_starts.tolist(), batch.target_boxes[..., :3].tolist()))
     crops, labels = baseline_crops([baseline.cached[i] for i in order], preset, layouts, augment=False)
-    batch_labels = batch.labels.cpu()
     corners = np.concatenate([np.broadcast_to(base_grid(preset.grid, edge)[:, :3], (len(order), preset.num_bases, 3)),
                               batch.target_boxes[..., :3]], axis=1) + batch.patch_starts[:, None]
     plain = torch.cat([extract_crops(engine.volumes[i].image[None], torch.from_numpy(c[None]), edge)
@@ -246,11 +258,15 @@ def check_equivalence(engine: Engine, baseline: Baseline) -> dict[str, float]:
     if preset.input_edge != edge:
         plain = F.interpolate(plain.flatten(0, 1), size=crops.shape[-3:], mode="trilinear", align_corners=False)
         plain = plain.view(crops.shape)
-    keep = engine.keep_mask(batch.generators)
     with torch.no_grad():
-        mine = engine.loss(batch.crops, batch.labels.to(engine.device), keep)
-        theirs = baseline_forward(engine.student, engine.teacher, preset, batch.crops, labels.to(engine.device), keep)
-    return {"crops": (crops - plain).abs().max().item(), "labels": (labels - batch_labels).abs().max().item(),
+        outputs = [x.double() for x in engine.student(batch.crops, engine.keep_mask(batch.generators))]
+        t_outputs = [x.double() for x in engine.teacher(batch.crops)] if preset.teacher == "full" else None
+        teacher = ((lambda crops: t_outputs) if t_outputs else
+                   copy.deepcopy(engine.teacher).double() if engine.teacher is not None else None)
+        args = (lambda crops, keep: outputs, teacher, preset, batch.crops)
+        mine = voco_forward(*args, batch.labels.double(), None)[1]
+        theirs = baseline_forward(*args, labels.double().to(device), None)
+    return {"crops": (crops - plain).abs().max().item(), "labels": (labels - batch.labels.cpu()).abs().max().item(),
             **{name: abs(mine[name].item() - theirs[name].item()) for name in sorted(mine)}}
 
 

@@ -175,7 +175,8 @@ def test_voco_forward_gives_overlaps_and_trains_only_the_student(name):
         shape = (preset.num_bases + preset.num_targets, student.backbone.embedding_dim)
         keep = torch.stack([feature_keep_mask(g, shape, preset.feature_dropout)
                             for g in batch.generators])
-        assert (keep[:, :preset.num_bases] == 1).all() and (keep == 0).any()
+        # Dropout1d as in VoCo-v2: every crop's features, kept ones rescaled by 1 / (1 - p).
+        assert (keep == 0).any() and set(keep.unique().tolist()) == {0.0, 1 / (1 - preset.feature_dropout)}
     logits, terms = voco_forward(student, teacher, preset, batch.crops, batch.labels, keep)
     b, t, k = 2, preset.num_targets, preset.num_bases
     assert logits.shape == (b, t, k) and logits.min() >= 0 and logits.max() <= 1

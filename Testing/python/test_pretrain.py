@@ -156,13 +156,16 @@ def test_two_process_ddp_follows_the_single_process_run(data, tmp_path):
 
 
 def test_pretraining_on_shipped_volumes_lowers_the_loss(shipped, tmp_path):
-    """The demo configuration on the real MNI152 T1, spine CT and spine MRI."""
-    steps = 60
+    """The nnssl variant (no teacher, SGD) on the real MNI152 T1, spine CT and spine MRI, with the
+    demo's 32^3 crops at 1 mm: its crops start out nearly indistinguishable (high zero-overlap and
+    regulariser terms) and the network learns to tell them apart within a few dozen steps."""
+    steps = 40
     result = run_voco("pretrain", "--data", shipped["mni152-t1"], shipped["spine-ct"], shipped["spine-mri"],
-                      "--out", tmp_path, "--preset", "demo", "--backbone", "swinunetr-tiny", "--steps", steps,
+                      "--out", tmp_path, "--preset", "nnssl", "--grid", "3,3,1", "--crop-edge", 32, "--targets", 2,
+                      "--spacing", "1,1,1", "--backbone", "swinunetr-tiny", "--steps", steps,
                       "--checkpoint-every", steps, "--progress", "jsonl")
     assert result.returncode == 0, result.stderr
-    losses = np.array([r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")])
-    first, last = losses[:15].mean(), losses[-15:].mean()
-    print(f"mean loss, first 15 steps {first:.4f}, last 15 steps {last:.4f}")
-    assert last < 0.85 * first
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    first, last = (np.mean([r["loss"] for r in part]) for part in (records[:10], records[-10:]))
+    print(f"mean total loss, steps 1-10: {first:.4f}, steps {steps - 9}-{steps}: {last:.4f}")
+    assert last < 0.8 * first

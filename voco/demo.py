@@ -39,7 +39,7 @@ def run_demo(out: str | Path, reporter, steps: int | None = None, device: str = 
     run_dir = out / "run"
     config = PretrainConfig(data=[str(p) for p in volumes.values()], out=str(run_dir), preset=PRESETS["demo"],
                             backbone="swinunetr-tiny", steps=steps or DEFAULT_STEPS, batch_size=2,
-                            checkpoint_every=50, seed=0, log_every=5)
+                            checkpoint_every=50, seed=0)
     code = pretrain(config, reporter, device=device, resume=(run_dir / CHECKPOINT_NAME).is_file())
     if code:
         return code

@@ -114,7 +114,7 @@ def plot_losses(metrics_path: Path, path: Path) -> None:
     for name in ("loss", "loss_pos", "loss_neg", "loss_reg", "loss_inter"):
         if records and name in records[0]:
             values = np.array([r[name] if r[name] is not None else np.nan for r in records], dtype=float)
-            window = max(1, len(values) // 50)
+            window = max(1, len(values) // 20)
             smooth = np.convolve(values, np.ones(window) / window, mode="valid")
             ax.plot(steps[window - 1:], smooth, label=name, linewidth=2.0 if name == "loss" else 1.2)
     ax.set_xlabel("step")

@@ -79,14 +79,16 @@ def augment(crops: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tenso
     def per_crop(v):
         return v.to(crops.device, crops.dtype).view(-1, 1, 1, 1, 1)
 
-    def where(mask, transform):  # transform only the chosen crops (about 1 in 5)
+    crops = crops.clone()  # one copy; everything below works in place on it
+
+    def transform_chosen(mask, transform):  # only the chosen crops (about 1 in 5) are touched
         chosen = mask.nonzero()[:, 0].to(crops.device)
-        return crops.index_copy(0, chosen, transform(crops.index_select(0, chosen)))
+        crops.index_copy_(0, chosen, transform(crops.index_select(0, chosen)))
 
     for axis in range(3):
-        crops = where(params["flip"][:, axis], lambda x: x.flip(2 + axis))
-    crops = where(params["rot90"], lambda x: x.rot90(1, (2, 3)))
-    crops = crops + per_crop(params["shift"])
+        transform_chosen(params["flip"][:, axis], lambda x: x.flip(2 + axis))
+    transform_chosen(params["rot90"], lambda x: x.rot90(1, (2, 3)))
+    crops.add_(per_crop(params["shift"]))
     if "gamma" in params:
         crops = crops.index_add(0, params["noisy"].nonzero()[:, 0].to(crops.device), params["noise"].to(crops.device, crops.dtype))
         crops = crops * per_crop(params["brightness"])

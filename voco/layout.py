@@ -85,9 +85,7 @@ class CropLayout:
 
 
 def crop_layout(image: str | Path, preset: Preset, seed: int = 0, modality: str = "auto") -> CropLayout:
-    options = Preprocessing(modality=modality, spacing=preset.spacing, pad_to=preset.patch_shape,
-                            resize_to=preset.patch_shape if preset.patch_mode == "resize_foreground" else None)
-    volume = load_volume(image, options)
+    volume = load_volume(image, Preprocessing.for_preset(preset, modality))
     batch = sample_batch([volume.image], preset, seed, step=0, indices=[0])
     return CropLayout(volume, preset, seed, batch)
 

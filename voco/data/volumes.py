@@ -65,6 +65,13 @@ class Preprocessing:
     pad_to: tuple[int, int, int] | None = None  # pad each axis with 0 up to at least this size
     foreground_crop: bool = True
 
+    @classmethod
+    def for_preset(cls, preset, modality: str = "auto") -> "Preprocessing":
+        """What a VoCo preset needs: its spacing, v1's resize of the whole foreground to one
+        patch, and padding so that every volume holds at least one patch."""
+        resize = preset.patch_shape if preset.patch_mode == "resize_foreground" else None
+        return cls(modality=modality, spacing=preset.spacing, resize_to=resize, pad_to=preset.patch_shape)
+
     def __post_init__(self):
         if self.modality not in MODALITIES:
             raise VocoInputError(f"unknown modality '{self.modality}'; expected one of {', '.join(MODALITIES)}")

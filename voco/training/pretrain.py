@@ -77,10 +77,7 @@ _RESUME_FIXED = ("preset", "backbone", "batch_size", "seed", "lr", "modality", "
 
 
 def preprocessing_for(config: PretrainConfig) -> Preprocessing:
-    preset = config.preset
-    return Preprocessing(modality=config.modality, spacing=preset.spacing,
-                         resize_to=preset.patch_shape if preset.patch_mode == "resize_foreground" else None,
-                         pad_to=preset.patch_shape)
+    return Preprocessing.for_preset(config.preset, config.modality)
 
 
 def sample_order(seed: int, count: int, positions: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,6 @@ class PretrainConfig:
     in_channels: int = 1
     grad_clip: float = 1.0
     log_every: int = 1
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):

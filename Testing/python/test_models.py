@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from voco.data.crops import augment, extract_crops, sample_batch, sample_generator, tile_crops
+from voco.data.crops import augment, extract_crops, sample_batch, sample_generator, base_tiles
 from voco.geometry import base_grid, overlap_labels
 from voco.models.backbones import SWIN_SIZES, build_backbone
 from voco.models.voco import (EmaTeacher, ProjectionHead, Student, build_teacher, feature_keep_mask,
@@ -208,11 +208,13 @@ def test_extract_crops_equals_slicing_crop_by_crop():
             torch.testing.assert_close(crops[b, n], patches[b, :, x:x + edge, y:y + edge, z:z + edge], rtol=0, atol=0)
 
 
-def test_tile_crops_equals_gathering_the_base_grid():
+def test_base_tiles_equal_gathering_the_base_grid():
     patches = torch.randn((2, 1, 3 * 4, 2 * 4, 1 * 4), generator=torch.Generator().manual_seed(3))
     bases = torch.from_numpy(base_grid((3, 2, 1), 4)[:, :3])
     expected = extract_crops(patches, bases.expand(2, -1, -1), 4)
-    torch.testing.assert_close(tile_crops(patches, (3, 2, 1), 4), expected, rtol=0, atol=0)
+    tiles = base_tiles(patches, (3, 2, 1), 4)
+    assert tiles.data_ptr() == patches.data_ptr()  # a view: no copy
+    torch.testing.assert_close(tiles.flatten(1, 3), expected, rtol=0, atol=0)
 
 
 SAMPLE_PRESETS = {

@@ -42,13 +42,13 @@ def extract_crops(patches: torch.Tensor, starts: torch.Tensor, edge: int) -> tor
     return out.movedim(-1, 2)                                            # (B, N, C, e, e, e)
 
 
-def tile_crops(patches: torch.Tensor, grid, edge: int) -> torch.Tensor:
-    """The base grid of each patch as crops, by one reshape (no index arithmetic):
-    ``(B, C, nx*e, ny*e, nz*e) -> (B, nx*ny*nz, C, e, e, e)`` in ``base_grid`` order."""
-    b, c = patches.shape[:2]
+def base_tiles(patches: torch.Tensor, grid, edge: int) -> torch.Tensor:
+    """The base grid of each patch as a view, no copy and no index arithmetic:
+    ``(B, C, nx*e, ny*e, nz*e) -> (B, nx, ny, nz, C, e, e, e)``; flattening ``nx, ny, nz`` gives
+    ``base_grid`` order."""
     nx, ny, nz = grid
-    tiles = patches.reshape(b, c, nx, edge, ny, edge, nz, edge).permute(0, 2, 4, 6, 1, 3, 5, 7)
-    return tiles.reshape(b, nx * ny * nz, c, edge, edge, edge)
+    tiles = patches.unflatten(2, (nx, edge)).unflatten(4, (ny, edge)).unflatten(6, (nz, edge))
+    return tiles.permute(0, 2, 4, 6, 1, 3, 5, 7)
 
 
 def draw_augmentation(generator: torch.Generator, count: int, edge: int, style: str) -> dict[str, torch.Tensor]:
@@ -118,10 +118,14 @@ def sample_batch(volumes, preset: Preset, seed: int, step: int, indices, device=
         params.append(draw_augmentation(g, preset.num_bases + preset.num_targets, preset.input_edge, preset.augment))
         generators.append(g)
     targets = np.stack(targets)
-    patches = torch.stack(patches).to(device)
-    crops = torch.cat([tile_crops(patches, preset.grid, preset.crop_edge),
-                       extract_crops(patches, torch.from_numpy(targets[..., :3]).to(device), preset.crop_edge)], dim=1)
-    b, n = crops.shape[:2]
+    k, edge = preset.num_bases, preset.crop_edge
+    b, n = len(patches), k + preset.num_targets
+    crops = torch.empty((b, n, patches[0].shape[0], edge, edge, edge), dtype=patches[0].dtype, device=device)
+    target_starts = torch.from_numpy(targets[..., :3]).to(device)
+    for i, patch in enumerate(patches):  # per volume, so that each crop is copied once, into place
+        patch = patch.to(device)[None]
+        crops[i, :k].view(*preset.grid, *crops.shape[2:]).copy_(base_tiles(patch, preset.grid, edge)[0])
+        crops[i, k:] = extract_crops(patch, target_starts[i:i + 1], edge)[0]
     crops = crops.flatten(0, 1)
     if preset.input_edge != preset.crop_edge:
         crops = F.interpolate(crops, size=(preset.input_edge,) * 3, mode="trilinear", align_corners=False)

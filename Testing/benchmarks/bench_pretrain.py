@@ -44,7 +44,7 @@ from voco.data.sample_data import fetch
 from voco.data.volumes import load_volume
 from voco.geometry import base_grid
 from voco.losses import EPS
-from voco.models.voco import Student, build_teacher, feature_keep_mask, teacher_source, voco_forward
+from voco.models.voco import Student, batch_keep_mask, build_teacher, teacher_source, voco_forward
 from voco.presets import PRESETS, resolve_preset
 from voco.training.pretrain import PretrainConfig, preprocessing_for, sample_order
 from voco.training.schedules import build_optimizer
@@ -73,11 +73,7 @@ class Side:
         return sample_order(SEED, len(self.volumes), positions), positions.tolist()
 
     def keep_mask(self, generators):
-        if self.preset.feature_dropout == 0:
-            return None
-        shape = (self.preset.num_bases + self.preset.num_targets, self.student.backbone.embedding_dim)
-        masks = [feature_keep_mask(g, shape, self.preset.feature_dropout) for g in generators]
-        return torch.stack(masks).to(self.device)
+        return batch_keep_mask(generators, self.student, self.preset, self.device)
 
     def step(self, step: int) -> dict[str, float]:
         """One training step; returns the seconds spent in each phase."""

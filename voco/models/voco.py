@@ -94,6 +94,14 @@ def feature_keep_mask(generator: torch.Generator, shape, p: float) -> torch.Tens
     return (torch.rand(shape, generator=generator) >= p).float() / (1 - p)
 
 
+def batch_keep_mask(generators, student: Student, preset: Preset, device) -> torch.Tensor | None:
+    """The feature-dropout masks of a batch, ``(B, K + T, D)``, or None when the preset has none."""
+    if preset.feature_dropout == 0:
+        return None
+    shape = (preset.num_bases + preset.num_targets, student.backbone.embedding_dim)
+    return torch.stack([feature_keep_mask(g, shape, preset.feature_dropout) for g in generators]).to(device)
+
+
 def voco_forward(student, teacher: EmaTeacher | None, preset: Preset, crops: torch.Tensor,
                  labels: torch.Tensor | None = None, keep: torch.Tensor | None = None):
     """One VoCo pass. Returns ``(logits (B, T, K), terms)``; ``terms`` is empty without labels.

@@ -27,7 +27,7 @@ from ..data.sources import list_images
 from ..data.volumes import Preprocessing, load_volumes
 from ..errors import VocoInputError
 from ..models.backbones import check_input_edge
-from ..models.voco import Student, build_teacher, feature_keep_mask, teacher_source, voco_forward
+from ..models.voco import Student, batch_keep_mask, build_teacher, teacher_source, voco_forward
 from ..presets import Preset, preset_from_dict
 from .distributed import init_distributed, shutdown
 from .schedules import build_optimizer
@@ -203,11 +203,7 @@ class Pretrainer:
         order = sample_order(config.seed, len(self.volumes), positions)
         batch = sample_batch([self.volumes[i].image for i in order], preset, config.seed, self.step,
                              positions.tolist(), self.device)
-        keep = None
-        if preset.feature_dropout > 0:
-            shape = (preset.num_bases + preset.num_targets, self.student.backbone.embedding_dim)
-            keep = torch.stack([feature_keep_mask(g, shape, preset.feature_dropout)
-                                for g in batch.generators]).to(self.device)
+        keep = batch_keep_mask(batch.generators, self.student, preset, self.device)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             _, terms = voco_forward(self.model, self.teacher, preset, batch.crops, batch.labels, keep)
         self.scaler.scale(terms["loss"]).backward()

@@ -66,13 +66,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=int, default=0, help="target whose heatmap goes into positions.nii.gz")
     p.add_argument("--device", default="cpu")
 
+    p = sub.add_parser("finetune", help="fine-tune a segmentation network on labelled volumes")
+    p.add_argument("--data", help="dataset.json (MSD / nnU-Net v2) or a folder with imagesTr/ + labelsTr/")
+    p.add_argument("--out", required=True, help="run folder (last.pt, best.pt, metrics.jsonl, model/)")
+    p.add_argument("--init", help="starting weights: a checkpoint of any published layout, a model package or a "
+                                  "registry name (default: random initialisation)")
+    p.add_argument("--backbone", choices=BACKBONES, default=None,
+                   help="architecture (default: the one of --init, else swinunetr-tiny)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--patch-size", type=int, default=None, help="training patch edge in voxels (multiple of 32)")
+    p.add_argument("--spacing", help="resample to X,Y,Z mm (default: that of --init's model card, else 1.5)")
+    p.add_argument("--modality", choices=["auto", "ct", "ct-chest", "mri"], default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--val-every", type=int, default=None, help="steps between validations")
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--val-cases", type=int, default=None, help="cases held out for validation (default: 1 in 5)")
+    p.add_argument("--name", help="name of the resulting model (default: the run folder's name)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+    p = sub.add_parser("segment", help="segment a volume with a model package or registry model")
+    p.add_argument("image")
+    p.add_argument("output", help="label map to write (.nii.gz, .nii or .nrrd); a .json sidecar goes beside it")
+    p.add_argument("--model", required=True, help="model package folder or installed/registry model name")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--fast", action="store_true", help="coarser spacing: several times faster, less detail")
+    p.add_argument("--tta", action="store_true", help="average over the 8 axis mirrorings (8x slower)")
+    roi = p.add_mutually_exclusive_group()
+    roi.add_argument("--roi", help="x0,y0,z0,x1,y1,z1 in voxels of IMAGE (end exclusive)")
+    roi.add_argument("--roi-ras", help="x0,y0,z0,x1,y1,z1: two opposite corners in RAS millimetres")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: 4 on GPU, 1 on CPU)")
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default 0.5)")
+
+    p = sub.add_parser("checkpoint", help="look into checkpoint files")
+    checkpoint = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    q = checkpoint.add_parser("inspect", help="detected layout, architecture and what loads into it")
+    q.add_argument("path")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("models", help="the model registry: list, download, import")
+    models = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    models.add_parser("list", help="registry and installed models")
+    q = models.add_parser("download", help="download a registry model into the cache")
+    q.add_argument("name")
+    q.add_argument("--sha256", help="expected checksum, for entries that publish none")
+    q = models.add_parser("import", help="install a local model package, .zip or checkpoint (offline sites)")
+    q.add_argument("path")
+    q.add_argument("--name", help="name to install it under")
+
     p = sub.add_parser("demo", help="the main job: pretrain on real volumes shipped in packages, draw the results")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
-    for command in sub.choices.values():
+    for command in _leaf_parsers(sub):
         command.add_argument("--progress", choices=["jsonl", "human"], default="human",
                              help="jsonl: one JSON event per line on stdout (see README)")
     return parser
+
+
+def _leaf_parsers(subparsers):
+    for command in subparsers.choices.values():
+        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            yield from _leaf_parsers(nested[0])
+        else:
+            yield command
 
 
 def _preset(args, default: str):
@@ -123,7 +182,44 @@ def cmd_demo(args, reporter) -> int:
     return run_demo(args.out, reporter, steps=args.steps)
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "crops": cmd_crops, "positions": cmd_positions, "demo": cmd_demo}
+def cmd_finetune(args, reporter) -> int:
+    from .training.finetune import finetune_from_args
+
+    return finetune_from_args(args, reporter)
+
+
+def cmd_segment(args, reporter) -> int:
+    from .inference.segment import segment_from_args
+
+    return segment_from_args(args, reporter)
+
+
+def cmd_checkpoint(args, reporter) -> int:
+    import json
+
+    from .checkpoints.layouts import describe_inspection, inspect_checkpoint
+
+    report = inspect_checkpoint(args.path)
+    print(json.dumps(report, indent=1) if args.json else describe_inspection(report))
+    return 0
+
+
+def cmd_models(args, reporter) -> int:
+    from .registry import registry
+
+    if args.action == "list":
+        print(registry.describe_models(registry.list_models()))
+        return 0
+    if args.action == "download":
+        path = registry.download(args.name, reporter, sha256=args.sha256)
+    else:
+        path = registry.import_model(args.path, reporter, name=args.name)
+    reporter.emit("done", path=str(path))
+    return 0
+
+
+COMMANDS = {"pretrain": cmd_pretrain, "crops": cmd_crops, "positions": cmd_positions, "finetune": cmd_finetune,
+            "segment": cmd_segment, "checkpoint": cmd_checkpoint, "models": cmd_models, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

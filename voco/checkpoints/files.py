@@ -3,6 +3,7 @@ checkpoints without ever running code from them."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -73,3 +74,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(state, dict):
         raise VocoInputError(f"not a checkpoint dictionary (found {type(state).__name__})", path)
     return state
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -8,7 +8,6 @@ Files appear in the cache only whole (written aside, then renamed), so concurren
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from voco.data.sources import image_suffix
+from voco.checkpoints.files import sha256_of
 from voco.errors import VocoInputError
 
 
@@ -94,7 +94,7 @@ def fetch(name: str) -> Path:
     folder = sample_data_dir()
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{sample.name}{image_suffix(sample.member)}"
-    if target.is_file() and _sha256(target) == sample.sha256:
+    if target.is_file() and sha256_of(target) == sample.sha256:
         return target
     _extract(_cached_wheel(sample, folder), sample, target)
     return target
@@ -114,7 +114,7 @@ def _sample_named(name: str) -> SampleVolume:
 def _cached_wheel(sample: SampleVolume, folder: Path) -> Path:
     """The verified wheel of ``sample`` in ``folder``, downloaded unless already there."""
     wheel = folder / sample.wheel
-    if wheel.is_file() and _sha256(wheel) == sample.wheel_sha256:
+    if wheel.is_file() and sha256_of(wheel) == sample.wheel_sha256:
         return wheel
     with tempfile.TemporaryDirectory(dir=folder) as download_dir:
         _pip_download(sample.requirement, Path(download_dir))
@@ -152,15 +152,7 @@ def _extract(wheel: Path, sample: SampleVolume, target: Path) -> None:
 
 def _verify(file: Path, expected: str, shown_as: str | Path | None = None) -> None:
     """Remove ``file`` and raise unless its sha256 is ``expected``."""
-    actual = _sha256(file)
+    actual = sha256_of(file)
     if actual != expected:
         file.unlink()
         raise VocoInputError(f"sha256 {actual} differs from the expected {expected}; removed it", shown_as or file)
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -1,0 +1,148 @@
+"""Model packages: the unit that ``voco finetune`` writes, ``voco models import`` installs and
+``voco segment`` runs.
+
+A package is a folder with two files::
+
+    model.json   the model card: name, version, architecture, input channels, preprocessing,
+                 labels (value, name, colour, terminology code) and metrics
+    weights.pt   {"format": "voco-model", "state_dict": {...}}: tensors only, loadable with
+                 torch.load(weights_only=True); its sha256 is recorded in the card
+
+Everything needed to run the model is in the card; nothing is guessed at inference time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoints.files import atomic_path, load_checkpoint, save_checkpoint, sha256_of
+from ..errors import VocoInputError
+from ..models.backbones import BACKBONES
+
+CARD_NAME = "model.json"
+WEIGHTS_NAME = "weights.pt"
+FORMAT = "voco-model"
+
+# Colours for labels that come without one (Slicer's GenericAnatomyColors feel: distinct, not garish).
+PALETTE = ("#80ae80", "#f1d691", "#b17a65", "#6fb8d2", "#d8654f", "#dd8244", "#90ee90", "#c0685c",
+           "#dcf514", "#4e3f9b", "#e3e3f5", "#ff00ff", "#3ca0ff", "#ffa500", "#8b4513", "#00ced1")
+
+
+@dataclass
+class Label:
+    value: int
+    name: str
+    color: str  # "#rrggbb"
+    # DICOM-style code triplet, e.g. {"scheme": "SCT", "code": "39607008", "meaning": "Lung"}; None when unknown.
+    terminology: dict | None = None
+
+
+@dataclass
+class Preprocessing:
+    """How a volume is prepared for the network: the same steps as pretraining."""
+
+    modality: str  # "ct", "ct-chest" or "mri" (decides the intensity scaling)
+    spacing: tuple[float, float, float]  # mm
+    patch_size: tuple[int, int, int]  # sliding-window edge, voxels
+    # Spacing for --fast (coarser, for CPU users); None: twice `spacing`.
+    fast_spacing: tuple[float, float, float] | None = None
+
+
+@dataclass
+class ModelCard:
+    name: str
+    version: str
+    architecture: str  # one of voco.models.backbones.BACKBONES
+    in_channels: int
+    labels: list[Label]  # foreground labels; 0 is background
+    preprocessing: Preprocessing
+    description: str = ""
+    metrics: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)  # provenance: data, init weights, steps
+    weights_sha256: str | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return max((label.value for label in self.labels), default=0) + 1
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "format_version": 1, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict, source=None) -> "ModelCard":
+        try:
+            values = {k: v for k, v in values.items() if k not in ("format", "format_version")}
+            values["labels"] = [Label(**label) for label in values["labels"]]
+            pre = dict(values["preprocessing"])
+            for key in ("spacing", "patch_size", "fast_spacing"):
+                if pre.get(key) is not None:
+                    pre[key] = tuple(pre[key])
+            values["preprocessing"] = Preprocessing(**pre)
+            card = cls(**values)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VocoInputError(f"not a valid model card: {type(exc).__name__}: {exc}", source) from None
+        card.validate(source)
+        return card
+
+    def validate(self, source=None) -> None:
+        if self.architecture not in BACKBONES:
+            raise VocoInputError(f"model card names unknown architecture {self.architecture!r}", source)
+        values = [label.value for label in self.labels]
+        if not values or min(values) < 1 or len(set(values)) != len(values):
+            raise VocoInputError("model card labels must be distinct values >= 1 (0 is background)", source)
+
+
+def default_labels(values, names: dict[int, str] | None = None) -> list[Label]:
+    names = names or {}
+    return [Label(int(v), names.get(int(v), f"label {int(v)}"), PALETTE[(int(v) - 1) % len(PALETTE)])
+            for v in sorted(values) if int(v) != 0]
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    folder: Path
+    card: ModelCard
+
+    @property
+    def weights_path(self) -> Path:
+        return self.folder / WEIGHTS_NAME
+
+    def load_state_dict(self) -> dict[str, torch.Tensor]:
+        state = load_checkpoint(self.weights_path)
+        if state.get("format") != FORMAT or not isinstance(state.get("state_dict"), dict):
+            raise VocoInputError(f"not the weights of a {FORMAT} package", self.weights_path)
+        return state["state_dict"]
+
+
+def write_package(folder: str | Path, card: ModelCard, state_dict: dict[str, torch.Tensor]) -> ModelPackage:
+    """Write weights, then the card that names their checksum: a package with a card is complete."""
+    folder = Path(folder)
+    weights = save_checkpoint({"format": FORMAT, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}},
+                              folder / WEIGHTS_NAME)
+    card.weights_sha256 = sha256_of(weights)
+    with atomic_path(folder / CARD_NAME) as tmp:
+        tmp.write_text(json.dumps(card.to_dict(), indent=1))
+    return ModelPackage(folder, card)
+
+
+def read_package(folder: str | Path, verify: bool = False) -> ModelPackage:
+    folder = Path(folder)
+    card_path = folder / CARD_NAME
+    if not card_path.is_file():
+        raise VocoInputError(f"not a model package (no {CARD_NAME})", folder)
+    try:
+        values = json.loads(card_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VocoInputError(f"invalid JSON: {exc}", card_path) from None
+    if not isinstance(values, dict) or values.get("format") != FORMAT:
+        raise VocoInputError(f"not a {FORMAT} model card", card_path)
+    package = ModelPackage(folder, ModelCard.from_dict(values, card_path))
+    if not package.weights_path.is_file():
+        raise VocoInputError(f"model package has no {WEIGHTS_NAME}", folder)
+    if verify and package.card.weights_sha256 and sha256_of(package.weights_path) != package.card.weights_sha256:
+        raise VocoInputError("sha256 does not match the model card (damaged or altered)", package.weights_path)
+    return package

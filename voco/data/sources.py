@@ -65,6 +65,31 @@ def list_labelled_cases(path: str | Path) -> list[tuple[Path, Path]]:
     return cases
 
 
+def dataset_label_names(path: str | Path) -> dict[int, str]:
+    """Label value -> name from a dataset.json's ``labels`` (MSD ``{"1": "liver"}`` or nnU-Net v2
+    ``{"liver": 1}``); empty for a folder pair without one. Background (0) is left out."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "dataset.json"
+        if not path.is_file():
+            return {}
+    dataset = _read_dataset_json(path)
+    labels, nnunet = dataset.get("labels") or {}, _is_nnunet_v2(dataset)
+    if not isinstance(labels, dict):
+        raise VocoInputError('"labels" must map values to names', path)
+    names = {}
+    for key, value in labels.items():
+        number, name = (value, key) if nnunet else (key, value)
+        try:
+            number = int(number)
+        except (TypeError, ValueError):
+            raise VocoInputError(f'"labels" entry {key!r}: {number!r} is not a label value '
+                                 "(nnU-Net region labels are not supported)", path) from None
+        if number != 0:
+            names[number] = str(name)
+    return names
+
+
 def _images_in_source(path: Path) -> list[Path]:
     _require_exists(path)
     if path.is_dir():

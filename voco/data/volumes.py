@@ -24,6 +24,7 @@ from monai.transforms import (
     Resize,
     ScaleIntensityRange,
     Spacing,
+    SpatialCrop,
     SpatialPad,
 )
 
@@ -36,6 +37,8 @@ MIN_EDGE = 8  # voxels; the smallest VoCo crop is larger, and thinner stacks are
 CT_WINDOWS = {"ct": (-175.0, 250.0), "ct-chest": (-1000.0, 500.0)}
 # Air is -1000 HU in CT; MRI intensities are arbitrary but essentially non-negative.
 CT_MINIMUM = -500.0
+# Image and label affines may differ by float rounding of the writer; more than this is another grid.
+GEOMETRY_TOLERANCE_MM = 1e-3
 
 # Every MONAI reader used here returns RAS affines (NRRD's LPS is converted), so RAS labels are
 # given explicitly instead of letting Orientation guess them from the "space" metadata.
@@ -100,32 +103,78 @@ def read_volume(path: str | Path) -> MetaTensor:
     return image
 
 
+def read_label_map(path: str | Path, image: MetaTensor) -> MetaTensor:
+    """The label map in ``path``, checked to be non-negative whole numbers on ``image``'s grid."""
+    path = Path(path)
+    if not path.is_file():
+        raise VocoInputError("label map does not exist", path)
+    try:
+        label = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path))
+    except Exception as error:
+        raise VocoInputError(f"cannot be read as a label map: {_one_line(error)}", path) from None
+    label = _single_volume(label, path)
+    if tuple(label.shape) != tuple(image.shape):
+        raise VocoInputError(f"label map does not match its image: shape {_shape_text(label.shape[1:])} vs "
+                             f"{_shape_text(image.shape[1:])} ({Path(image.meta['filename_or_obj']).name})", path)
+    corners = np.abs(label.affine.numpy() - image.affine.numpy()).max()
+    if corners > GEOMETRY_TOLERANCE_MM:
+        raise VocoInputError(f"label map does not match its image: origin/spacing/direction differ by up to "
+                             f"{corners:.3g} ({Path(image.meta['filename_or_obj']).name})", path)
+    values = label.as_tensor()
+    if not torch.isfinite(values).all() or (values < 0).any() or (values != values.round()).any():
+        raise VocoInputError("is not a label map: values must be non-negative whole numbers", path)
+    return label
+
+
 def preprocess(image: MetaTensor, options: Preprocessing) -> tuple[torch.Tensor, np.ndarray, str]:
     """``(image, affine, modality)`` after reorienting, cropping, resampling and intensity scaling.
 
     ``image`` is what ``read_volume`` returns; the result is a plain float32 tensor, the 4x4
     index -> RAS affine of its grid and the modality used ("ct" or "mri").
     """
-    image = Orientation(axcodes="RAS", labels=_RAS_LABELS)(image)
-    modality = _resolve_modality(image, options.modality)
+    image, _, affine, modality = _preprocess(image, None, options)
+    return image, affine, modality
+
+
+def preprocess_pair(image: MetaTensor, label: MetaTensor, options: Preprocessing
+                    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, str]:
+    """``(image, label, affine, modality)``: ``label`` (same grid as ``image``) follows every
+    spatial step of the image with nearest-neighbour resampling and ends as int64 class values."""
+    image, label, affine, modality = _preprocess(image, label, options)
+    return image, label.round().to(torch.int64), affine, modality
+
+
+def _preprocess(image: MetaTensor, label: MetaTensor | None, options: Preprocessing):
+    both = [image] if label is None else [image, label]
+
+    def spatial(transform_for):  # the same spatial step on the image and, nearest-neighbour, on the label
+        return [transform_for(i == 1)(volume) for i, volume in enumerate(both)]
+
+    both = spatial(lambda _: Orientation(axcodes="RAS", labels=_RAS_LABELS))
+    modality = _resolve_modality(both[0], options.modality)
     if options.foreground_crop:
         threshold = CT_WINDOWS[modality][0] if modality in CT_WINDOWS else 0.0
-        image = CropForeground(select_fn=lambda values: values > threshold)(image)
-        if image.numel() == 0:
-            raise VocoInputError(f"has no foreground above {threshold:g}", image.meta.get("filename_or_obj"))
+        start, end = CropForeground(select_fn=lambda values: values > threshold).compute_bounding_box(both[0])
+        if np.any(np.asarray(end) <= np.asarray(start)):
+            raise VocoInputError(f"has no foreground above {threshold:g}", both[0].meta.get("filename_or_obj"))
+        both = spatial(lambda _: SpatialCrop(roi_start=start, roi_end=end))
     if options.spacing is not None:
-        image = Spacing(pixdim=options.spacing, mode="bilinear")(image)
+        both = spatial(lambda is_label: Spacing(pixdim=options.spacing, mode="nearest" if is_label else "bilinear"))
+    image = both[0]
     if modality in CT_WINDOWS:
         low, high = CT_WINDOWS[modality]
         image = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(image)
     else:
         image = NormalizeIntensity(nonzero=True)(image)
+    both[0] = image
     if options.resize_to is not None:
-        image = Resize(spatial_size=options.resize_to, mode="trilinear")(image)
+        both = spatial(lambda is_label: Resize(spatial_size=options.resize_to, mode="nearest" if is_label else "trilinear"))
     if options.pad_to is not None:
-        image = SpatialPad(spatial_size=options.pad_to, value=0)(image)
-    affine = image.affine.numpy().astype(np.float64)
-    return image.as_tensor().to(torch.float32).contiguous(), affine, "ct" if modality in CT_WINDOWS else "mri"
+        both = spatial(lambda _: SpatialPad(spatial_size=options.pad_to, value=0))
+    affine = both[0].affine.numpy().astype(np.float64)
+    image = both[0].as_tensor().to(torch.float32).contiguous()
+    label = both[1].as_tensor().contiguous() if label is not None else None
+    return image, label, affine, "ct" if modality in CT_WINDOWS else "mri"
 
 
 def load_volume(path: str | Path, options: Preprocessing = Preprocessing()) -> Volume:

@@ -58,7 +58,7 @@ class ModelCard:
     version: str
     architecture: str  # one of voco.models.backbones.BACKBONES
     in_channels: int
-    labels: list[Label]  # foreground labels; 0 is background
+    labels: list[Label]  # foreground labels in network class order: class i (>= 1) is labels[i - 1]; 0 is background
     preprocessing: Preprocessing
     description: str = ""
     metrics: dict = field(default_factory=dict)
@@ -67,7 +67,11 @@ class ModelCard:
 
     @property
     def num_classes(self) -> int:
-        return max((label.value for label in self.labels), default=0) + 1
+        return len(self.labels) + 1
+
+    def class_values(self) -> list[int]:
+        """The label-map value written for each network class (class 0, background, is 0)."""
+        return [0] + [label.value for label in self.labels]
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "format_version": 1, **asdict(self)}

@@ -26,6 +26,7 @@ from ..data.crops import sample_batch
 from ..data.sources import list_images
 from ..data.volumes import Preprocessing, load_volumes
 from ..errors import VocoInputError
+from ..jobs.signals import StopRequest
 from ..models.backbones import check_input_edge
 from ..models.voco import Student, batch_keep_mask, build_teacher, teacher_source, voco_forward
 from ..presets import Preset, preset_from_dict
@@ -88,29 +89,6 @@ def sample_order(seed: int, count: int, positions: np.ndarray) -> np.ndarray:
         chosen = epochs == epoch
         out[chosen] = perm[positions[chosen] % count]
     return out
-
-
-class _StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the step and stops."""
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: the caller handles stopping
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Pretrainer:
@@ -231,7 +209,7 @@ class Pretrainer:
                            device=str(self.device), preset=config.preset.name, backbone=config.backbone)
         global_batch = config.batch_size * self.dist.world_size
         started, first_step = time.perf_counter(), self.step
-        with _StopRequest() as stop, open(self.run_dir / METRICS_NAME, "a") as metrics:
+        with StopRequest() as stop, open(self.run_dir / METRICS_NAME, "a") as metrics:
             while self.step < config.steps:
                 values = self.train_step()
                 self.step += 1

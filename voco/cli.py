@@ -200,7 +200,10 @@ def cmd_checkpoint(args, reporter) -> int:
     from .checkpoints.layouts import describe_inspection, inspect_checkpoint
 
     report = inspect_checkpoint(args.path)
-    print(json.dumps(report, indent=1) if args.json else describe_inspection(report))
+    if args.progress == "jsonl":  # stdout carries only events: the report is the "done" event
+        reporter.emit("done", **report)
+    else:
+        print(json.dumps(report, indent=1, default=str) if args.json else describe_inspection(report))
     return 0
 
 

@@ -211,7 +211,11 @@ def cmd_models(args, reporter) -> int:
     from .registry import registry
 
     if args.action == "list":
-        print(registry.describe_models(registry.list_models()))
+        models = registry.list_models()
+        if args.progress == "jsonl":  # stdout carries only events
+            reporter.emit("models", models=models, cache=str(registry.models_dir()))
+        else:
+            print(registry.describe_models(models))
         return 0
     if args.action == "download":
         path = registry.download(args.name, reporter, sha256=args.sha256)

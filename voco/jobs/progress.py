@@ -47,6 +47,13 @@ class HumanReporter:
                               f"{fields['samples_per_s']:.2f} vol/s eta {fields['eta_s']:.0f}s ")
             if step == total:
                 self.stream.write("\n")
+        elif event == "download":
+            done, total = fields["bytes"], fields["total"]
+            filled = int(30 * done / total) if total else 0
+            size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {size} {fields['name']} ")
+            if done == total:
+                self.stream.write("\n")
         else:
             details = " ".join(f"{k}={v}" for k, v in fields.items())
             self.stream.write(f"{event}: {details}\n")

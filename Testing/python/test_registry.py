@@ -1,0 +1,318 @@
+"""The model registry, the cache and the downloader, against a local HTTP server that can resume,
+cut connections, ignore Range requests and redirect the way Hugging Face does."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import events, run_voco
+from voco.errors import VocoInputError
+from voco.jobs.progress import SilentReporter
+from voco.registry import registry
+from voco.registry.package import Label, ModelCard, Preprocessing, read_package, write_package
+
+BACKBONE = bytes(range(256)) * 160  # 40 KB: several read chunks, cut part way
+BACKBONE_SHA = hashlib.sha256(BACKBONE).hexdigest()
+
+
+class Events:
+    def __init__(self):
+        self.seen = []
+
+    def emit(self, event, **fields):
+        self.seen.append((event, fields))
+
+
+class FileServer(BaseHTTPRequestHandler):
+    """GET /files/NAME serves bytes with Range support; /redirect/NAME answers 302 to /files/NAME
+    with the sha256 in X-Linked-Etag, as huggingface.co does for LFS files on its /resolve/ URLs."""
+
+    def do_GET(self):
+        state = self.server.state
+        kind, _, name = self.path.lstrip("/").partition("/")
+        data = state["files"].get(name)
+        if data is None:
+            return self.send_error(404)
+        if kind == "redirect":
+            self.send_response(302)
+            self.send_header("Location", f"/files/{name}")
+            self.send_header("X-Linked-Etag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        asked = self.headers.get("Range")
+        start = int(asked.removeprefix("bytes=").rstrip("-")) if asked and not state["ignore_range"] else 0
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        if state["etag"]:
+            self.send_header("X-Linked-Etag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body = data[start:start + state["cut_after"]] if state["cut_after"] is not None else data[start:]
+        self.wfile.write(body)
+        state["requests"].append({"name": name, "range": asked, "served": len(body)})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FileServer)
+    httpd.state = {"files": {}, "requests": [], "cut_after": None, "ignore_range": False, "etag": False}
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _card(name="spleen"):
+    return ModelCard(name=name, version="2.0", architecture="swinunetr-tiny", in_channels=1,
+                     labels=[Label(1, "spleen", "#9d6c62", {"scheme": "SCT", "code": "78961009", "meaning": "Spleen"})],
+                     preprocessing=Preprocessing("ct", (1.5, 1.5, 1.5), (64, 64, 64)))
+
+
+def _package_zip(folder: Path, top="spleen/", extra=()) -> bytes:
+    package = write_package(folder / "package", _card(), {"out.weight": torch.arange(6.0).reshape(2, 3)})
+    archive = folder / "spleen.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for file in package.folder.iterdir():
+            zipped.write(file, top + file.name)
+        for member, text in extra:
+            zipped.writestr(member, text)
+    return archive.read_bytes()
+
+
+def _entry(server, name, file, kind="backbone", sha256=None, route="files", architecture="swinunetr-b"):
+    return {"name": name, "version": "1.0", "kind": kind, "url": f"{server.url}/{route}/{file}", "sha256": sha256,
+            "size_bytes": None, "file": file, "architecture": architecture, "in_channels": 1, "labels": [],
+            "description": f"test model {name}"}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A temporary model cache, and a temporary registry that ``_register`` writes."""
+    monkeypatch.setenv("VOCO_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("VOCO_REGISTRY", str(tmp_path / "models.json"))
+    return tmp_path / "models"
+
+
+def _register(*entries):
+    Path(os.environ["VOCO_REGISTRY"]).write_text(json.dumps({"format": "voco-registry", "format_version": 1,
+                                                             "models": list(entries)}))
+
+
+def _installed_files(cache: Path) -> list[str]:
+    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file()) if cache.exists() else []
+
+
+def test_download_verifies_installs_and_second_call_is_a_cache_hit(server, cache):
+    server.state["files"]["b.pt"] = BACKBONE
+    _register(_entry(server, "tiny-b", "b.pt", sha256=BACKBONE_SHA))
+    seen = Events()
+    path = registry.download("tiny-b", seen)
+    assert path == cache / "tiny-b" / "1.0" / "b.pt" and path.read_bytes() == BACKBONE
+    record = json.loads((cache / "tiny-b" / "1.0" / "entry.json").read_text())
+    assert (record["sha256"], record["sha256_source"], record["installed_bytes"]) == (BACKBONE_SHA, "registry", 40960)
+    progress = [fields for event, fields in seen.seen if event == "download"]
+    assert progress[-1] == {"name": "tiny-b", "bytes": 40960, "total": 40960, "percent": 100.0}
+    assert _installed_files(cache) == ["tiny-b/1.0/b.pt", "tiny-b/1.0/entry.json"]  # no partial left
+    assert registry.download("tiny-b", seen) == path
+    assert len(server.state["requests"]) == 1
+    rows = registry.list_models()
+    assert [(r["name"], r["installed"], r["path"]) for r in rows] == [("tiny-b", True, str(path))]
+    assert "tiny-b" in registry.describe_models(rows)
+
+
+def test_wrong_checksum_installs_nothing_and_deletes_the_partial(server, cache):
+    server.state["files"]["b.pt"] = BACKBONE
+    _register(_entry(server, "tiny-b", "b.pt", sha256="0" * 64))
+    with pytest.raises(VocoInputError, match=f"sha256 {BACKBONE_SHA} differs from the expected 0{{64}}"):
+        registry.download("tiny-b", SilentReporter())
+    assert _installed_files(cache) == []
+    assert registry.list_models()[0]["installed"] is False
+
+
+@pytest.mark.parametrize("route, sha256", [("files", BACKBONE_SHA), ("redirect", None)], ids=["registry", "etag"])
+def test_interrupted_download_resumes_with_a_range_request(server, cache, route, sha256):
+    server.state["files"]["b.pt"] = BACKBONE
+    _register(_entry(server, "tiny-b", "b.pt", sha256=sha256, route=route))
+    server.state["cut_after"] = 15000
+    with pytest.raises(VocoInputError, match="interrupted after 15000 of 40960 bytes"):
+        registry.download("tiny-b", SilentReporter())
+    assert _installed_files(cache) == [".partial/b.pt.part", ".partial/b.pt.part.json"]
+    server.state["cut_after"] = None
+    path = registry.download("tiny-b", SilentReporter())
+    assert path.read_bytes() == BACKBONE
+    assert [(r["range"], r["served"]) for r in server.state["requests"]] == [(None, 15000), ("bytes=15000-", 25960)]
+    assert _installed_files(cache) == ["tiny-b/1.0/b.pt", "tiny-b/1.0/entry.json"]
+
+
+def test_server_that_ignores_range_restarts_the_download(server, cache):
+    server.state["files"]["b.pt"] = BACKBONE
+    _register(_entry(server, "tiny-b", "b.pt", sha256=BACKBONE_SHA))
+    server.state.update(cut_after=15000, ignore_range=True)
+    with pytest.raises(VocoInputError, match="interrupted"):
+        registry.download("tiny-b", SilentReporter())
+    server.state["cut_after"] = None
+    assert registry.download("tiny-b", SilentReporter()).read_bytes() == BACKBONE
+    assert [(r["range"], r["served"]) for r in server.state["requests"]] == [(None, 15000), ("bytes=15000-", 40960)]
+
+
+def test_partial_of_another_file_is_not_resumed(server, cache):
+    """A partial download recorded for other bytes (the registry's sha256 changed) starts over."""
+    server.state["files"]["b.pt"] = BACKBONE
+    _register(_entry(server, "tiny-b", "b.pt", sha256=BACKBONE_SHA))
+    (cache / ".partial").mkdir(parents=True)
+    (cache / ".partial" / "b.pt.part").write_bytes(b"x" * 15000)
+    (cache / ".partial" / "b.pt.part.json").write_text(json.dumps({"url": "old", "sha256": "1" * 64}))
+    assert registry.download("tiny-b", SilentReporter()).read_bytes() == BACKBONE
+    assert [r["range"] for r in server.state["requests"]] == [None]
+
+
+def test_sha256_from_x_linked_etag_of_a_redirect_like_hugging_face(server, cache):
+    server.state["files"]["b.pt"] = BACKBONE
+    _register(_entry(server, "tiny-b", "b.pt", route="redirect"))
+    path = registry.download("tiny-b", SilentReporter())
+    record = json.loads((path.parent / "entry.json").read_text())
+    assert (path.read_bytes(), record["sha256"], record["sha256_source"]) == (BACKBONE, BACKBONE_SHA, "X-Linked-Etag")
+
+
+def test_no_known_checksum_is_refused_and_sha256_option_allows_it(server, cache):
+    server.state["files"]["b.pt"] = BACKBONE
+    _register(_entry(server, "tiny-b", "b.pt"))
+    with pytest.raises(VocoInputError, match="refused: no sha256 is known"):
+        registry.download("tiny-b", SilentReporter())
+    assert _installed_files(cache) == []
+    path = registry.download("tiny-b", SilentReporter(), sha256=BACKBONE_SHA.upper())
+    assert json.loads((path.parent / "entry.json").read_text())["sha256_source"] == "--sha256"
+
+
+def test_server_naming_another_sha256_is_refused_before_downloading(server, cache):
+    server.state["files"]["b.pt"] = BACKBONE
+    server.state["etag"] = True
+    _register(_entry(server, "tiny-b", "b.pt", sha256="2" * 64))
+    with pytest.raises(VocoInputError, match=f"offers a file with sha256 {BACKBONE_SHA}, not the expected 2{{64}}"):
+        registry.download("tiny-b", SilentReporter())
+    assert not (cache / ".partial" / "b.pt.part").exists()
+
+
+def test_zip_package_download_installs_a_readable_package(server, cache, tmp_path):
+    data = _package_zip(tmp_path)
+    server.state["files"]["spleen.zip"] = data
+    _register(_entry(server, "spleen", "spleen.zip", kind="segmentation", architecture="swinunetr-tiny",
+                          sha256=hashlib.sha256(data).hexdigest()))
+    package = registry.resolve_package("spleen", SilentReporter())
+    assert package.folder == cache / "spleen" / "1.0"
+    assert package.card.labels[0].terminology["code"] == "78961009"
+    assert torch.equal(package.load_state_dict()["out.weight"], torch.arange(6.0).reshape(2, 3))
+    assert registry.resolve_weights("spleen", SilentReporter()) == package.folder
+    assert _installed_files(cache) == ["spleen/1.0/entry.json", "spleen/1.0/model.json", "spleen/1.0/weights.pt"]
+
+
+def test_zip_with_parent_directory_members_is_refused(server, cache, tmp_path):
+    data = _package_zip(tmp_path, extra=[("../evil.txt", "x")])
+    server.state["files"]["spleen.zip"] = data
+    _register(_entry(server, "spleen", "spleen.zip", kind="segmentation", architecture="swinunetr-tiny",
+                          sha256=hashlib.sha256(data).hexdigest()))
+    with pytest.raises(VocoInputError, match="refused: member '../evil.txt' would be written outside"):
+        registry.download("spleen", SilentReporter())
+    assert _installed_files(cache) == [] and not (tmp_path / "evil.txt").exists()
+
+
+def test_backbone_is_not_a_segmentation_model(server, cache):
+    _register(_entry(server, "tiny-b", "b.pt", sha256=BACKBONE_SHA))
+    with pytest.raises(VocoInputError, match="tiny-b is a pretrained backbone without a segmentation head; "
+                                             "fine-tune it first: voco finetune --init tiny-b"):
+        registry.resolve_package("tiny-b", SilentReporter())
+    assert server.state["requests"] == []
+
+
+def test_import_package_folder_and_zip(cache, tmp_path):
+    _register()
+    _package_zip(tmp_path)
+    seen = Events()
+    folder = registry.import_model(tmp_path / "package", seen)
+    assert folder == cache / "spleen" / "2.0" and read_package(folder, verify=True).card.name == "spleen"
+    assert registry.import_model(tmp_path / "package", seen) == folder  # same bytes: nothing to do
+    assert [event for event, _ in seen.seen] == ["imported"]
+    zipped = registry.import_model(tmp_path / "spleen.zip", seen, name="spleen zip")
+    assert zipped == cache / "spleen-zip" / "2.0"
+    assert read_package(zipped, verify=True).card.labels[0].name == "spleen"
+    assert registry.resolve_package(tmp_path / "package", seen).folder == tmp_path / "package"
+    assert [(r["name"], r["kind"], r["installed"]) for r in registry.list_models()] == [
+        ("spleen", "segmentation", True), ("spleen-zip", "segmentation", True)]
+
+
+def _swin_checkpoint(path: Path) -> Path:
+    torch.save({"state_dict": {"swinViT.patch_embed.proj.weight": torch.zeros(12, 1, 2, 2, 2),
+                               "swinViT.patch_embed.proj.bias": torch.zeros(12)}}, path)
+    return path
+
+
+def test_import_bare_checkpoint_records_its_architecture(cache, tmp_path):
+    _register()
+    path = registry.import_model(_swin_checkpoint(tmp_path / "my run.pt"), SilentReporter())
+    record = json.loads((path.parent / "entry.json").read_text())
+    assert (record["name"], record["kind"], record["architecture"]) == ("my-run", "backbone", "swinunetr-tiny")
+    assert path.read_bytes() == (tmp_path / "my run.pt").read_bytes()
+    assert registry.resolve_weights("my-run", SilentReporter()) == path
+
+
+def test_import_file_named_like_a_registry_entry_installs_that_entry(server, cache, tmp_path):
+    server.state["files"]["b.pt"] = BACKBONE
+    (tmp_path / "b.pt").write_bytes(BACKBONE)
+    _register(_entry(server, "tiny-b", "b.pt", sha256=BACKBONE_SHA))
+    path = registry.import_model(tmp_path / "b.pt", SilentReporter())
+    assert path == cache / "tiny-b" / "1.0" / "b.pt"
+    assert json.loads((path.parent / "entry.json").read_text())["sha256_source"] == "registry"
+    assert registry.resolve_weights("tiny-b", SilentReporter()) == path
+    assert server.state["requests"] == []  # offline: the import is the install
+    (tmp_path / "b.pt").write_bytes(BACKBONE[:-1] + b"!")
+    with pytest.raises(VocoInputError, match="differs from the registry's"):
+        registry.import_model(tmp_path / "b.pt", SilentReporter())
+
+
+def test_unknown_names_and_network_errors(server, cache):
+    _register(_entry(server, "tiny-b", "b.pt", sha256=BACKBONE_SHA),
+                   {**_entry(server, "gone", "gone.pt", sha256=BACKBONE_SHA), "url": "http://127.0.0.1:9/gone.pt"})
+    with pytest.raises(VocoInputError, match="'nope' is not a known model; known models: tiny-b, gone"):
+        registry.download("nope", SilentReporter())
+    with pytest.raises(VocoInputError, match="'nope' is not an existing file or folder, nor a known model"):
+        registry.resolve_weights("nope", SilentReporter())
+    with pytest.raises(VocoInputError, match=r"/files/b.pt: download failed: HTTP 404"):
+        registry.download("tiny-b", SilentReporter())
+    with pytest.raises(VocoInputError, match=r"http://127.0.0.1:9/gone.pt: cannot download: .*refused"):
+        registry.download("gone", SilentReporter())
+
+
+def test_cli_models_list_download_import_and_unknown_name(server, cache, tmp_path):
+    server.state["files"]["b.pt"] = BACKBONE
+    _register(_entry(server, "tiny-b", "b.pt", sha256=BACKBONE_SHA))
+    env = {"VOCO_MODELS_DIR": os.environ["VOCO_MODELS_DIR"], "VOCO_REGISTRY": os.environ["VOCO_REGISTRY"]}
+    listed = run_voco("models", "list", "--progress", "jsonl", env=env)
+    assert listed.returncode == 0, listed.stderr
+    [models] = events(listed.stdout)
+    assert models["event"] == "models" and [(m["name"], m["installed"]) for m in models["models"]] == [("tiny-b", False)]
+    fetched = run_voco("models", "download", "tiny-b", "--progress", "jsonl", env=env)
+    assert fetched.returncode == 0, fetched.stderr
+    assert events(fetched.stdout)[-1]["path"] == str(cache / "tiny-b" / "1.0" / "b.pt")
+    _package_zip(tmp_path)
+    imported = run_voco("models", "import", tmp_path / "spleen.zip", env=env)
+    assert imported.returncode == 0, imported.stderr
+    assert (cache / "spleen" / "2.0" / "model.json").is_file()
+    unknown = run_voco("models", "download", "nope", env=env)
+    assert unknown.returncode == 2 and unknown.stdout == ""
+    assert unknown.stderr.splitlines() == ["error: 'nope' is not a known model; known models: tiny-b (see voco models list)"]

@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: pretrain on real volumes shipped in packages, draw the results")
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
+    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the demo's)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps (default: the demo's)")
     for command in _leaf_parsers(sub):
         command.add_argument("--progress", choices=["jsonl", "human"], default="human",
                              help="jsonl: one JSON event per line on stdout (see README)")
@@ -179,7 +180,7 @@ def cmd_positions(args, reporter) -> int:
 def cmd_demo(args, reporter) -> int:
     from .demo import run_demo
 
-    return run_demo(args.out, reporter, steps=args.steps)
+    return run_demo(args.out, reporter, steps=args.steps, finetune_steps=args.finetune_steps)
 
 
 def cmd_finetune(args, reporter) -> int:

@@ -123,3 +123,34 @@ def plot_losses(metrics_path: Path, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)
+
+
+def plot_segmentation(image_path: Path, label_path: Path, labels, path: Path, reference_path: Path | None = None,
+                      title: str = "") -> None:
+    """Three middle slices of the image (file voxel axes, assumed near RAS) with the label map
+    in its labels' colours; a second row with the reference labels when given."""
+    import nibabel as nib
+    from matplotlib.colors import ListedColormap
+
+    image, predicted = nib.load(str(image_path)), nib.load(str(label_path))
+    rows = [("segmentation", predicted)] + ([("reference", nib.load(str(reference_path)))] if reference_path else [])
+    colours = np.zeros((max(label.value for label in labels) + 1, 4))
+    for label in labels:
+        colours[label.value] = matplotlib.colors.to_rgba(label.color, alpha=0.55)
+    cmap = ListedColormap(colours)
+    centre = [n // 2 for n in image.shape[:3]]
+    fig, axes = plt.subplots(len(rows), 3, figsize=(13, 4.4 * len(rows)), squeeze=False)
+    for row, (name, volume) in enumerate(rows):
+        for col, (view, axis, h, v) in enumerate(_VIEWS):
+            cut = tuple(centre[axis] if a == axis else slice(None) for a in range(3))
+            ax = axes[row, col]
+            ax.imshow(np.asarray(image.dataobj[cut], dtype=np.float32).T, cmap="gray", origin="lower")
+            ax.imshow(np.asarray(volume.dataobj[cut]).T, cmap=cmap, vmin=0, vmax=len(colours) - 1,
+                      origin="lower", interpolation="nearest")
+            ax.set_title(f"{name}: {view}")
+            ax.axis("off")
+    handles = [Rectangle((0, 0), 1, 1, color=label.color) for label in labels]
+    fig.legend(handles, [label.name for label in labels], loc="lower center", ncol=len(labels))
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)

@@ -42,6 +42,7 @@ class SampleVolume:
 
 _NILEARN = ("nilearn-0.14.1-py3-none-any.whl", "725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a")
 _TPTBOX = ("tptbox-1.1.0-py3-none-any.whl", "975a68f4117ab81fcc2d819d6127f301b1cc50210e08e73df1b9a818ee3be984")
+_DEEPMRIPREP = ("deepmriprep-0.3.0-py3-none-any.whl", "00cfaab3e4e1744e7d3844cdad1b096af2c06edbae73d683facc9435b835b8bd")
 _MNI152 = "nilearn/datasets/data/mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 
 SAMPLES = (
@@ -79,6 +80,16 @@ SAMPLES = (
         "spine-mri-vertebrae", *_TPTBOX, "TPTBox/tests/sample_mri/sub-mri_seg-vert_label-6_msk.nii.gz",
         "14ee727a3f565512ddbf0c9d8ce8d9ce127acc43f0d21bc7771c2fcbd343023a", "label",
         "labels of spine-mri: 5-7 = C5-C7, 105-106 discs, 205-207 endplates (TPTBox tests)",
+    ),
+    SampleVolume(
+        "brain-t1-05mm", *_DEEPMRIPREP, "deepmriprep/data/templates/Template_05mm_bet.nii.gz",
+        "7d96889867d29803021a276ba54c0225534266730c5f5348a1ea78ee2d6e62c1", "mri",
+        "skull-stripped T1 brain template, 339x411x339 at 0.5 mm, MNI space (deepmriprep/CAT12)",
+    ),
+    SampleVolume(
+        "brain-tissue-15mm", *_DEEPMRIPREP, "deepmriprep/data/templates/Template_4_GS.nii.gz",
+        "9932604e631352f5e3dd2146b7059c5e2176610e4ae5efd3c3e4759b4c2cc12f", "label",
+        "tissue probabilities of that template (grey, white, other), 113x137x113x3 at 1.5 mm (deepmriprep/CAT12)",
     ),
 )
 

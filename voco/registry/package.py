@@ -101,9 +101,14 @@ class ModelCard:
 
 
 def default_labels(values, names: dict[int, str] | None = None) -> list[Label]:
+    from .terminology import terminology_for
+
     names = names or {}
-    return [Label(int(v), names.get(int(v), f"label {int(v)}"), PALETTE[(int(v) - 1) % len(PALETTE)])
-            for v in sorted(values) if int(v) != 0]
+    labels = []
+    for value in sorted(int(v) for v in values if int(v) != 0):
+        name = names.get(value, f"label {value}")
+        labels.append(Label(value, name, PALETTE[(value - 1) % len(PALETTE)], terminology_for(name)))
+    return labels
 
 
 @dataclass(frozen=True)

@@ -268,15 +268,15 @@ class Finetuner:
                 record = {"step": self.step, "total": config.steps, **values, "lr": self.optimizer.param_groups[0]["lr"],
                           "samples_per_s": config.batch_size / per_step, "eta_s": per_step * (config.steps - self.step)}
                 self.reporter.emit("step", **record)
-                metrics.write(json.dumps(record) + "\n")
                 if self.step % config.val_every == 0 or self.step == config.steps:
                     result = self.validate()
                     self.reporter.emit("val_dice", step=self.step, dice=result["dice"], mean=result["mean"],
                                        on_training_data=self.val_on_training)
-                    metrics.write(json.dumps({"step": self.step, "val_dice": result["dice"], "val_mean": result["mean"]}) + "\n")
+                    record.update(val_dice=result["dice"], val_mean=result["mean"])
                     if result["mean"] > self.best["mean"]:
                         self.best = {"mean": result["mean"], "step": self.step, "dice": result["dice"]}
                         self.save_best()
+                metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 if stop.signal or self.step % config.checkpoint_every == 0 or self.step == config.steps:
                     self.save_last()

@@ -144,6 +144,7 @@ def roi_box(options: SegmentOptions, affine: np.ndarray, shape: tuple[int, int, 
         corners = np.array([[x, y, z] for x in options.roi_ras[0::3] for y in options.roi_ras[1::3]
                             for z in options.roi_ras[2::3]])
         voxels = (np.linalg.inv(affine) @ np.c_[corners, np.ones(len(corners))].T)[:3].T
+        voxels = voxels.round(4)  # a corner on a voxel centre is a whole index, not 9.9999999 or 10.0000001
         start = np.clip(np.floor(voxels.min(0)).astype(int), 0, shape)
         end = np.clip(np.ceil(voxels.max(0)).astype(int) + 1, 0, shape)
         if (end <= start).any():

@@ -146,12 +146,13 @@ class Finetuner:
         if state is not None:
             return [Label(**label) for label in state["labels"]]
         names = dataset_label_names(self.config.data)
-        values = set(names)
+        values = set()
         for _, label_path in pairs:
             values |= set(_label_values(label_path).astype(int).tolist())
         values.discard(0)
-        if not values:
+        if not values:  # judged on the label maps alone: dataset.json names every label, present or not
             raise VocoInputError("the label maps hold no foreground (only 0)", self.config.data)
+        values |= set(names)
         labels = list(card.labels) if card else []
         known = {label.value for label in labels}
         labels += default_labels(sorted(values - known), names)

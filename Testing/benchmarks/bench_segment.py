@@ -1,0 +1,247 @@
+"""Segment one volume twice with the same weights in one process and compare:
+
+(a) this engine's default path (``voco segment``: sliding window with gaussian blending at the
+    model card's settings, half-precision accumulation, slab-wise resampling to the input grid);
+(b) the reference protocol of the official VoCo fine-tuning code: MONAI
+    ``sliding_window_inference`` with roi 96, overlap 0.75, constant blending, float32
+    probabilities resampled back to the input grid with MONAI's ``SpatialResample``, argmax.
+
+Both get exactly the same preprocessed network input (``voco.data.volumes.preprocess``), so
+the differences are the inference and the way back to the input grid. Printed: wall time, peak
+memory above the start of each run (host RSS, sampled; on CUDA also the allocator's peak),
+windows evaluated, GFLOP/s inside one window against this machine's float32 matmul rate, and the
+Dice agreement of (a) with (b). Ratios, not absolute times, are the result: the machines are noisy.
+
+The volume: the MNI152 T1 (nilearn wheel) resampled onto a 512x512x300 grid over its own field
+of view (0.38 x 0.46 x 0.63 mm), stored as int16 like a CT. The model: ``--model`` (a package), or
+a tiny SwinUNETR fine-tuned here for ``--train-steps`` on the MNI152 grey/white matter labels.
+
+    .venv/bin/python Testing/benchmarks/bench_segment.py [--device cuda] [--model PACKAGE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from voco.data.brain_tissue import write_training_dataset
+from voco.data.sample_data import fetch
+from voco.data.volumes import Preprocessing, preprocess, read_volume
+from voco.inference.segment import SegmentOptions, load_network, model_spacing, segment
+from voco.jobs.progress import SilentReporter
+from voco.registry.package import read_package
+from voco.training.distributed import choose_device
+from voco.training.finetune import PACKAGE_DIR, FinetuneConfig, finetune
+
+REFERENCE = {"roi": 96, "overlap": 0.75, "mode": "constant", "sw_batch_size": 4}
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled every millisecond from /proc."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            self.cuda_start = torch.cuda.memory_allocated()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.host_mb = (self.peak - self.start) / 2**20
+        self.cuda_mb = ((torch.cuda.max_memory_allocated() - self.cuda_start) / 2**20
+                        if torch.cuda.is_available() else None)
+
+
+def benchmark_volume(path: Path, shape=(512, 512, 300)) -> Path:
+    """The MNI152 T1 on a ``shape`` grid spanning the same field of view, as int16."""
+    if path.is_file():
+        return path
+    source = nib.load(str(fetch("mni152-t1")))
+    data = torch.from_numpy(np.asarray(source.dataobj, dtype=np.float32))[None, None]
+    gx, gy, gz = (torch.linspace(-1, 1, n) for n in shape)
+    resampled = np.empty(shape, dtype=np.int16)
+    for x0 in range(0, shape[0], 32):  # in slabs: a full grid would take a gigabyte
+        xs, ys, zs = torch.meshgrid(gx[x0:x0 + 32], gy, gz, indexing="ij")
+        # grid_sample reads the last grid axis as (W, H, D) = our (z, y, x)
+        slab = F.grid_sample(data, torch.stack([zs, ys, xs], -1)[None], align_corners=True)[0, 0]
+        resampled[x0:x0 + 32] = slab.round().numpy().astype(np.int16)
+    scale = (np.array(source.shape) - 1) / (np.array(shape) - 1)
+    affine = source.affine.copy()
+    affine[:3, :3] = source.affine[:3, :3] * scale
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(resampled, affine), str(path))
+    return path
+
+
+def trained_model(work: Path, steps: int, device: str) -> Path:
+    run = work / "model_run"
+    if not (run / PACKAGE_DIR / "model.json").is_file():
+        dataset = write_training_dataset(work / "brain_tissue")
+        config = FinetuneConfig(data=str(dataset), out=str(run), architecture="swinunetr-tiny", steps=steps,
+                                patch_size=96, spacing=(1.5, 1.5, 1.5), val_every=steps, checkpoint_every=steps,
+                                name="bench-brain-tissue")
+        finetune(config, SilentReporter(), device=device)
+    return run / PACKAGE_DIR
+
+
+class CountingModel(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.windows = model, 0
+
+    def forward(self, x):
+        self.windows += x.shape[0]
+        return self.model(x)
+
+
+def reference_segment(image_path: Path, output: Path, package, device: torch.device) -> dict:
+    from monai.data import MetaTensor
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import SpatialResample
+
+    card = package.card
+    source = read_volume(image_path)
+    source_affine, source_shape = source.affine.clone(), tuple(source.shape[1:])
+    image, affine, _ = preprocess(source, Preprocessing(modality=card.preprocessing.modality,
+                                                        spacing=model_spacing(package, False)))
+    del source
+    model = CountingModel(load_network(package, device))
+    with torch.inference_mode(), torch.autocast("cuda", enabled=device.type == "cuda"):
+        logits = sliding_window_inference(image[None].to(device), (REFERENCE["roi"],) * 3, REFERENCE["sw_batch_size"],
+                                          model, overlap=REFERENCE["overlap"], mode=REFERENCE["mode"])
+    probabilities = MetaTensor(torch.softmax(logits[0].float(), 0), affine=torch.as_tensor(affine))
+    del logits
+    restored = SpatialResample(mode="bilinear")(probabilities, dst_affine=source_affine, spatial_size=source_shape)
+    labels = torch.as_tensor(card.class_values())[restored.argmax(0).cpu()].numpy().astype(np.uint8)
+    nib.save(nib.Nifti1Image(labels, source_affine.numpy()), str(output))
+    return {"windows": model.windows}
+
+
+def window_rate(package, device: torch.device, edge: int, repeats: int = 3) -> tuple[float, float]:
+    """(GFLOP per window, GFLOP/s) of the network on one ``edge``^3 window."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = load_network(package, device)
+    x = torch.randn(1, 1, edge, edge, edge, device=device)
+    with torch.inference_mode(), torch.autocast("cuda", enabled=device.type == "cuda"):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(x)
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            model(x)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    gflop = counter.get_total_flops() / 1e9
+    return gflop, gflop / min(times)
+
+
+def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matmul GFLOP/s (TF32 off: the honest sgemm figure on CUDA too)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a @ b
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def dice_agreement(a: Path, b: Path, values: list[int]) -> dict[int, float]:
+    x, y = np.asarray(nib.load(str(a)).dataobj), np.asarray(nib.load(str(b)).dataobj)
+    return {v: 2 * np.count_nonzero((x == v) & (y == v)) / max(1, np.count_nonzero(x == v) + np.count_nonzero(y == v))
+            for v in values}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model package (default: train a tiny one here)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--work", default=str(Path.home() / ".cache" / "voco" / "bench_segment"))
+    parser.add_argument("--train-steps", type=int, default=120)
+    parser.add_argument("--shape", default="512,512,300")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = choose_device(args.device)
+    work = Path(args.work)
+    shape = tuple(int(v) for v in args.shape.split(","))
+    image = benchmark_volume(work / f"mni152_{'x'.join(map(str, shape))}.nii.gz", shape)
+    package = read_package(args.model or trained_model(work, args.train_steps, args.device))
+    card = package.card
+    print(f"volume {image.name} {shape}, model {card.name} ({card.architecture}, window {card.preprocessing.patch_size}), "
+          f"device {device}, torch threads {torch.get_num_threads()}")
+
+    results = {}
+    for name, run in (("engine", lambda out: segment(image, out, package, SegmentOptions(device=args.device),
+                                                     SilentReporter())),
+                      ("reference", lambda out: reference_segment(image, out, package, device))):
+        out = work / f"{name}.nii.gz"
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            info = run(out)
+            _sync(device)
+            seconds = time.perf_counter() - start
+        windows = info["windows_evaluated"] if name == "engine" else info["windows"]
+        results[name] = {"seconds": seconds, "host_mb": memory.host_mb, "cuda_mb": memory.cuda_mb,
+                         "windows": windows, "output": out}
+        cuda = f", CUDA peak {memory.cuda_mb:.0f} MB" if memory.cuda_mb is not None else ""
+        print(f"{name:9s} {seconds:8.2f} s  host peak +{memory.host_mb:.0f} MB{cuda}  windows {windows}")
+
+    engine, reference = results["engine"], results["reference"]
+    agreement = dice_agreement(engine["output"], reference["output"], [label.value for label in card.labels])
+    matmul = matmul_rate(device)
+    print(f"speed-up (reference / engine time): {reference['seconds'] / engine['seconds']:.2f}x")
+    print(f"host memory ratio (engine / reference): {engine['host_mb'] / reference['host_mb']:.3f}")
+    if engine["cuda_mb"] is not None:
+        print(f"CUDA memory ratio (engine / reference): {engine['cuda_mb'] / reference['cuda_mb']:.3f}")
+    print(f"windows: engine {engine['windows']} vs reference {reference['windows']}")
+    print("Dice agreement per label: " + ", ".join(f"{label.name} {agreement[label.value]:.4f}" for label in card.labels)
+          + f"; mean {np.mean(list(agreement.values())):.4f}")
+    print(f"float32 matmul rate: {matmul:.1f} GFLOP/s")
+    for edge in sorted({card.preprocessing.patch_size[0], REFERENCE["roi"]}):
+        gflop, rate = window_rate(package, device, edge)
+        print(f"window {edge}^3: {gflop:.1f} GFLOP, {rate:.1f} GFLOP/s = {100 * rate / matmul:.0f}% of matmul")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

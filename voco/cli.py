@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     roi.add_argument("--roi-ras", help="x0,y0,z0,x1,y1,z1: two opposite corners in RAS millimetres")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: 4 on GPU, 1 on CPU)")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default 0.5)")
+    p.add_argument("--precision", choices=["auto", "float32"], default="auto",
+                   help="auto: float16 on CUDA, bfloat16 on CPUs with native support; float32: reproducible")
 
     p = sub.add_parser("checkpoint", help="look into checkpoint files")
     checkpoint = p.add_subparsers(dest="action", required=True, parser_class=_Parser)

@@ -37,7 +37,9 @@ from voco.data.brain_tissue import write_training_dataset
 from voco.data.sample_data import fetch
 from voco.data.volumes import Preprocessing, preprocess, read_volume
 from voco.inference.segment import SegmentOptions, load_network, model_spacing, segment
+from voco.inference.sliding_window import SlidingWindowPredictor
 from voco.jobs.progress import SilentReporter
+from voco.models.segmentation import build_segmentation_network
 from voco.registry.package import read_package
 from voco.training.distributed import choose_device
 from voco.training.finetune import PACKAGE_DIR, FinetuneConfig, finetune
@@ -110,6 +112,28 @@ def trained_model(work: Path, steps: int, device: str) -> Path:
     return run / PACKAGE_DIR
 
 
+class StageClock:
+    """A reporter that notes when the engine's stages end, from its own progress events."""
+
+    def __init__(self):
+        self.marks = {}
+
+    def emit(self, event, **fields):
+        now = time.perf_counter()
+        if event == "start":
+            self.marks["read + preprocess"] = now
+        elif event == "progress" and fields["done"] == fields["total"]:
+            self.marks[fields["stage"]] = now
+        elif event == "done":
+            self.marks["write"] = now
+
+    def split(self, started: float) -> dict[str, float]:
+        times, previous = {}, started
+        for stage, mark in self.marks.items():
+            times[stage], previous = mark - previous, mark
+        return times
+
+
 class CountingModel(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -143,21 +167,24 @@ def reference_segment(image_path: Path, output: Path, package, device: torch.dev
     return {"windows": model.windows}
 
 
-def window_rate(package, device: torch.device, edge: int, repeats: int = 3) -> tuple[float, float]:
-    """(GFLOP per window, GFLOP/s) of the network on one ``edge``^3 window."""
+def window_rate(network: torch.nn.Module, device: torch.device, edge: int, precision: str,
+                repeats: int = 3) -> tuple[float, float]:
+    """(GFLOP per window, GFLOP/s) of one ``edge``^3 window, run the way the engine runs it."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = load_network(package, device)
+    predictor = SlidingWindowPredictor(network, (edge,) * 3, device, precision=precision)
+    if predictor._compute_dtype(device) == torch.bfloat16:
+        network = network.to(memory_format=torch.channels_last_3d)
     x = torch.randn(1, 1, edge, edge, edge, device=device)
-    with torch.inference_mode(), torch.autocast("cuda", enabled=device.type == "cuda"):
+    with torch.inference_mode():
         counter = FlopCounterMode(display=False)
         with counter:
-            model(x)
+            network(x)
         times = []
         for _ in range(repeats):
             _sync(device)
             start = time.perf_counter()
-            model(x)
+            predictor._probabilities(network, x)
             _sync(device)
             times.append(time.perf_counter() - start)
     gflop = counter.get_total_flops() / 1e9
@@ -190,29 +217,14 @@ def dice_agreement(a: Path, b: Path, values: list[int]) -> dict[int, float]:
             for v in values}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model package (default: train a tiny one here)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--work", default=str(Path.home() / ".cache" / "voco" / "bench_segment"))
-    parser.add_argument("--train-steps", type=int, default=120)
-    parser.add_argument("--shape", default="512,512,300")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = choose_device(args.device)
-    work = Path(args.work)
-    shape = tuple(int(v) for v in args.shape.split(","))
-    image = benchmark_volume(work / f"mni152_{'x'.join(map(str, shape))}.nii.gz", shape)
-    package = read_package(args.model or trained_model(work, args.train_steps, args.device))
+def compare(image: Path, package, device_name: str, device: torch.device, work: Path) -> None:
+    """Run (a) and (b) on the same volume and print their figures side by side."""
     card = package.card
-    print(f"volume {image.name} {shape}, model {card.name} ({card.architecture}, window {card.preprocessing.patch_size}), "
-          f"device {device}, torch threads {torch.get_num_threads()}")
-
+    # Warm-up outside the clock: CUDA context, cuDNN/oneDNN kernel choice (the first run would pay it).
+    window_rate(load_network(package, device), device, REFERENCE["roi"], "auto", repeats=1)
     results = {}
-    for name, run in (("engine", lambda out: segment(image, out, package, SegmentOptions(device=args.device),
-                                                     SilentReporter())),
+    stages = StageClock()
+    for name, run in (("engine", lambda out: segment(image, out, package, SegmentOptions(device=device_name), stages)),
                       ("reference", lambda out: reference_segment(image, out, package, device))):
         out = work / f"{name}.nii.gz"
         with PeakMemory() as memory:
@@ -225,10 +237,11 @@ def main(argv=None) -> int:
                          "windows": windows, "output": out}
         cuda = f", CUDA peak {memory.cuda_mb:.0f} MB" if memory.cuda_mb is not None else ""
         print(f"{name:9s} {seconds:8.2f} s  host peak +{memory.host_mb:.0f} MB{cuda}  windows {windows}")
+        if name == "engine":
+            print("          " + ", ".join(f"{stage} {t:.2f} s" for stage, t in stages.split(start).items()))
 
     engine, reference = results["engine"], results["reference"]
     agreement = dice_agreement(engine["output"], reference["output"], [label.value for label in card.labels])
-    matmul = matmul_rate(device)
     print(f"speed-up (reference / engine time): {reference['seconds'] / engine['seconds']:.2f}x")
     print(f"host memory ratio (engine / reference): {engine['host_mb'] / reference['host_mb']:.3f}")
     if engine["cuda_mb"] is not None:
@@ -236,10 +249,42 @@ def main(argv=None) -> int:
     print(f"windows: engine {engine['windows']} vs reference {reference['windows']}")
     print("Dice agreement per label: " + ", ".join(f"{label.name} {agreement[label.value]:.4f}" for label in card.labels)
           + f"; mean {np.mean(list(agreement.values())):.4f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model package (default: train a tiny one here)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--work", default=str(Path.home() / ".cache" / "voco" / "bench_segment"))
+    parser.add_argument("--train-steps", type=int, default=120)
+    parser.add_argument("--shape", default="512,512,300")
+    parser.add_argument("--rates-only", action="store_true", help="only the per-window GFLOP/s figures")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = choose_device(args.device)
+    work = Path(args.work)
+    shape = tuple(int(v) for v in args.shape.split(","))
+    image = benchmark_volume(work / f"mni152_{'x'.join(map(str, shape))}.nii.gz", shape)
+    package = read_package(args.model or trained_model(work, args.train_steps, args.device))
+    card = package.card
+    print(f"volume {image.name} {shape}, model {card.name} ({card.architecture}, window {card.preprocessing.patch_size}), "
+          f"device {device}, torch threads {torch.get_num_threads()}")
+
+    if not args.rates_only:
+        compare(image, package, args.device, device, work)
+    matmul = matmul_rate(device)
     print(f"float32 matmul rate: {matmul:.1f} GFLOP/s")
-    for edge in sorted({card.preprocessing.patch_size[0], REFERENCE["roi"]}):
-        gflop, rate = window_rate(package, device, edge)
-        print(f"window {edge}^3: {gflop:.1f} GFLOP, {rate:.1f} GFLOP/s = {100 * rate / matmul:.0f}% of matmul")
+    networks = {card.name: lambda: load_network(package, device)}
+    if card.architecture != "swinunetr-b":  # the published VoCo size, random weights: only its speed counts
+        networks["swinunetr-b"] = lambda: build_segmentation_network("swinunetr-b", 1, card.num_classes).to(device).eval()
+    edge = REFERENCE["roi"]
+    for name, build in networks.items():
+        for precision in ("float32", "auto"):
+            gflop, rate = window_rate(build(), device, edge, precision)
+            print(f"window {edge}^3 of {name}, precision {precision}: {gflop:.1f} GFLOP, {rate:.1f} GFLOP/s "
+                  f"= {100 * rate / matmul:.0f}% of the float32 matmul rate")
     return 0
 
 

@@ -42,6 +42,7 @@ class SegmentOptions:
     roi_ras: tuple[float, float, float, float, float, float] | None = None  # two opposite corners, mm
     batch_size: int | None = None
     overlap: float = DEFAULT_OVERLAP
+    precision: str = "auto"  # see SlidingWindowPredictor
 
     def validate(self) -> None:
         if not 0 <= self.overlap < 1:
@@ -94,7 +95,8 @@ def segment(image_path: str | Path, output: str | Path, package: ModelPackage, o
     network = load_network(package, device)
     batch = options.batch_size or (4 if device.type == "cuda" else 1)
     predictor = SlidingWindowPredictor(network, card.preprocessing.patch_size, device, overlap=options.overlap,
-                                       batch_size=batch, mirror=options.tta, report=_throttled(reporter))
+                                       batch_size=batch, mirror=options.tta, precision=options.precision,
+                                       report=_throttled(reporter))
     windows = len(predictor.windows(tuple(max(a, b) for a, b in zip(image.shape[1:], card.preprocessing.patch_size))))
     reporter.emit("start", image=str(image_path), output=str(output), model=card.name, version=card.version,
                   device=str(device), spacing=list(spacing), windows=windows, fast=options.fast, tta=options.tta)
@@ -103,6 +105,7 @@ def segment(image_path: str | Path, output: str | Path, package: ModelPackage, o
     reporter.emit("progress", stage="resample", done=0, total=1)
     labels = label_map_on_grid(scores, image_affine, region_shape, region_affine, card.class_values())
     del scores
+    reporter.emit("progress", stage="resample", done=1, total=1)
     if box:
         full = np.zeros(source_shape, dtype=labels.dtype)
         full[box[0]:box[3], box[1]:box[4], box[2]:box[5]] = labels
@@ -114,7 +117,8 @@ def segment(image_path: str | Path, output: str | Path, package: ModelPackage, o
         "labels": [_label_record(label, labels, source_affine) for label in card.labels],
         "device": str(predictor.device), "spacing_mm": list(spacing), "modality": modality, "fast": options.fast,
         "tta": options.tta, "overlap": options.overlap, "roi_voxels": list(box) if box else None,
-        "windows_evaluated": predictor.windows_evaluated, "seconds": round(time.perf_counter() - started, 2),
+        "windows_evaluated": predictor.windows_evaluated, "precision": options.precision,
+        "seconds": round(time.perf_counter() - started, 2),
     }
     write_outputs(labels, source_affine, image_path, output, sidecar)
     reporter.emit("done", output=str(output), sidecar=str(sidecar_path(output)), seconds=sidecar["seconds"],
@@ -198,7 +202,8 @@ def segment_from_args(args, reporter) -> int:
     options = SegmentOptions(device=args.device, fast=args.fast, tta=args.tta,
                              roi=parse_box(args.roi, int, "--roi"), roi_ras=parse_box(args.roi_ras, float, "--roi-ras"),
                              batch_size=args.batch_size,
-                             overlap=DEFAULT_OVERLAP if args.overlap is None else args.overlap)
+                             overlap=DEFAULT_OVERLAP if args.overlap is None else args.overlap,
+                             precision=args.precision)
     check_label_output(args.output)
     with cancel_on_signals():
         try:

@@ -49,10 +49,16 @@ class SlidingWindowPredictor:
     """Normalised class probabilities of a ``(C, X, Y, Z)`` image, as ``(K, X, Y, Z)`` float16."""
 
     def __init__(self, model: nn.Module, window: tuple[int, int, int], device: torch.device,
-                 overlap: float = 0.5, batch_size: int = 1, mirror: bool = False,
+                 overlap: float = 0.5, batch_size: int = 1, mirror: bool = False, precision: str = "float32",
                  report: Callable[..., None] = lambda event, **fields: None):
+        """``precision="auto"``: float16 on CUDA, bfloat16 with channels-last convolutions on CPUs
+        that compute bfloat16 natively (AVX512-BF16 / AMX: about twice the float32 speed), float32
+        elsewhere. ``"float32"`` everywhere: slower, bit-reproducible on the CPU."""
+        if precision not in ("auto", "float32"):
+            raise ValueError(f"precision must be auto or float32, got {precision!r}")
         self.model, self.window, self.device = model, tuple(window), device
         self.overlap, self.batch_size, self.mirror, self.report = overlap, batch_size, mirror, report
+        self.precision = precision
         self.windows_evaluated = 0
 
     def windows(self, shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:
@@ -87,6 +93,8 @@ class SlidingWindowPredictor:
     def _predict_on_device(self, image: torch.Tensor, num_classes: int, starts) -> torch.Tensor:
         device = self.device
         model = self.model.to(device)
+        if self._compute_dtype(device) == torch.bfloat16:
+            model = model.to(memory_format=torch.channels_last_3d)
         scores = torch.zeros((num_classes, *image.shape[1:]), dtype=torch.float16, device=device)
         weights = torch.zeros(image.shape[1:], dtype=torch.float32, device=device)
         gaussian = gaussian_importance(self.window).to(device)
@@ -109,8 +117,18 @@ class SlidingWindowPredictor:
             plane.mul_(inverse)
         return scores
 
+    def _compute_dtype(self, device: torch.device) -> torch.dtype | None:
+        if self.precision != "auto":
+            return None
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_computes_bfloat16() else None
+
     def _probabilities(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        autocast = torch.autocast("cuda", dtype=torch.float16, enabled=batch.device.type == "cuda")
+        dtype = self._compute_dtype(batch.device)
+        if dtype == torch.bfloat16:  # oneDNN's fast bfloat16 convolutions want channels-last tensors
+            batch = batch.contiguous(memory_format=torch.channels_last_3d)
+        autocast = torch.autocast(batch.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
         flips = MIRROR_AXES if self.mirror else [()]
         total = None
         with autocast:
@@ -120,6 +138,15 @@ class SlidingWindowPredictor:
                 p = p.flip(axes) if axes else p
                 total = p if total is None else total.add_(p)
         return total / len(flips)
+
+
+def cpu_computes_bfloat16() -> bool:
+    """Whether oneDNN has native bfloat16 kernels on this CPU (emulated bfloat16 is slower than float32)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
 
 
 def _pad_to(image: torch.Tensor, window: tuple[int, int, int]):

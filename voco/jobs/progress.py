@@ -40,24 +40,26 @@ class HumanReporter:
 
     def emit(self, event: str, **fields) -> None:
         if event == "step":
-            total, step = fields["total"], fields["step"]
-            filled = int(30 * step / max(total, 1))
-            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{total} "
-                              f"loss {fields['loss']:.4f} lr {fields['lr']:.2e} "
-                              f"{fields['samples_per_s']:.2f} vol/s eta {fields['eta_s']:.0f}s ")
-            if step == total:
-                self.stream.write("\n")
+            self._bar(fields["step"], fields["total"], f"{fields['step']}/{fields['total']} loss {fields['loss']:.4f} "
+                      f"lr {fields['lr']:.2e} {fields['samples_per_s']:.2f} vol/s eta {fields['eta_s']:.0f}s")
         elif event == "download":
             done, total = fields["bytes"], fields["total"]
-            filled = int(30 * done / total) if total else 0
             size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
-            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {size} {fields['name']} ")
-            if done == total:
-                self.stream.write("\n")
+            self._bar(done, total, f"{size} {fields['name']}")
+        elif event == "progress":
+            self._bar(fields["done"], fields["total"], f"{fields['stage']} {fields['done']}/{fields['total']}")
         else:
             details = " ".join(f"{k}={v}" for k, v in fields.items())
             self.stream.write(f"{event}: {details}\n")
         self.stream.flush()
+
+
+    def _bar(self, done, total, text: str) -> None:
+        """One line rewritten in place; a newline once ``done`` reaches ``total``."""
+        filled = int(30 * done / total) if total else 0
+        self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {text} ")
+        if done == total:
+            self.stream.write("\n")
 
 
 class SilentReporter:

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-segment clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: install
 
 bench: install
 	$(PY) Testing/benchmarks/bench_pretrain.py
+
+bench-segment: install
+	$(PY) Testing/benchmarks/bench_segment.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,28 @@ def run_voco(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
 def events(stdout: str) -> list[dict]:
     """The JSON-lines progress events of a run (every stdout line must be one)."""
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+class Events:
+    """A reporter that keeps every event, for tests that call the engine in-process."""
+
+    def __init__(self):
+        self.seen = []
+
+    def emit(self, event, **fields):
+        self.seen.append((event, fields))
+
+    def of(self, kind):
+        return [fields for event, fields in self.seen if event == kind]
+
+
+def stop_after_first_step(*args, timeout=120) -> tuple[int, list[dict]]:
+    """Run ``voco ARGS --progress jsonl``, send SIGTERM once step 1 is reported; (exit code, events)."""
+    process = subprocess.Popen(voco_command(*args), stdout=subprocess.PIPE, text=True, cwd=REPO)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if '"event": "step"' in line and '"step": 1,' in line:
+            process.send_signal(signal.SIGTERM)
+    process.wait(timeout=timeout)
+    return process.returncode, events("".join(lines))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import events, run_voco, voco_command
+from conftest import Events, events, run_voco, stop_after_first_step, voco_command
 from voco.cli import main
 from voco.data.brain_tissue import dice_per_label, write_training_dataset
 from voco.figures import read_metrics
@@ -26,17 +26,6 @@ from voco.training.finetune import FinetuneConfig, Finetuner, finetune
 
 GREY = {"scheme": "SCT", "code": "40146001", "meaning": "Cerebral Gray Matter"}
 WHITE = {"scheme": "SCT", "code": "68523003", "meaning": "Cerebral White Matter"}
-
-
-class Events:
-    def __init__(self):
-        self.seen = []
-
-    def emit(self, event, **fields):
-        self.seen.append((event, fields))
-
-    def of(self, kind):
-        return [fields for event, fields in self.seen if event == kind]
 
 
 # --- a small synthetic dataset: two 36^3 cases at 2 mm, a sphere (1) and a slab (2) ------------------
@@ -309,15 +298,8 @@ def uninterrupted(tmp_path_factory, synthetic):
 
 def test_sigterm_saves_the_current_step_and_resume_matches_the_uninterrupted_run(uninterrupted, synthetic, tmp_path):
     out = tmp_path / "stopped"
-    process = subprocess.Popen(voco_command(*resume_args(synthetic, out)), stdout=subprocess.PIPE, text=True)
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if '"event": "step"' in line and '"step": 1,' in line:
-            process.send_signal(signal.SIGTERM)
-    process.wait(timeout=120)
-    stopped = events("".join(lines))
-    assert process.returncode == 128 + signal.SIGTERM
+    code, stopped = stop_after_first_step(*resume_args(synthetic, out))
+    assert code == 128 + signal.SIGTERM
     assert stopped[-1]["event"] == "stopped"
     step = stopped[-1]["step"]
     assert 1 <= step < RESUME_STEPS

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import events, run_voco, voco_command
+from conftest import events, run_voco, stop_after_first_step, voco_command
 from voco.figures import read_metrics
 
 # A small but complete configuration: 2x2 base grid of 32^3 crops, tiny SwinUNETR, demo preset
@@ -94,15 +94,8 @@ def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, data, tmp_pa
 def test_sigterm_checkpoints_the_current_step_and_resume_matches(uninterrupted, data, tmp_path):
     reference, _ = uninterrupted
     out = tmp_path / "stopped"
-    process = subprocess.Popen(voco_command(*pretrain_args(data, out)), stdout=subprocess.PIPE, text=True)
-    stream = []
-    for line in process.stdout:
-        stream.append(line)
-        if '"step": 1,' in line and '"event": "step"' in line:
-            process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
-    stopped = events("".join(stream))
-    assert process.returncode == 128 + signal.SIGTERM
+    code, stopped = stop_after_first_step(*pretrain_args(data, out))
+    assert code == 128 + signal.SIGTERM
     assert stopped[-1]["event"] == "stopped"
     step = stopped[-1]["step"]
     assert 1 <= step < STEPS

@@ -62,10 +62,11 @@ def test_the_requirement_is_read_from_the_wheel_name():
     requirements = {sample.name: sample.requirement for sample in SAMPLES}
     assert requirements["mni152-t1"] == "nilearn==0.14.1"
     assert requirements["spine-ct"] == "tptbox==1.1.0"
+    assert requirements["brain-t1-05mm"] == "deepmriprep==0.3.0"
 
 
 def test_registered_names_are_unique_with_known_modalities():
-    assert len({sample.name for sample in SAMPLES}) == len(SAMPLES) == 7
+    assert len({sample.name for sample in SAMPLES}) == len(SAMPLES) == 9
     assert {sample.modality for sample in SAMPLES} == {"ct", "mri", "label"}
 
 
@@ -123,7 +124,7 @@ def test_an_unknown_name_lists_the_known_ones():
         fetch("mni305")
     assert str(caught.value) == (
         "unknown sample volume 'mni305'; known: mni152-t1, mni152-gm, mni152-wm, "
-        "spine-ct, spine-ct-vertebrae, spine-mri, spine-mri-vertebrae"
+        "spine-ct, spine-ct-vertebrae, spine-mri, spine-mri-vertebrae, brain-t1-05mm, brain-tissue-15mm"
     )
 
 

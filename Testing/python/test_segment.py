@@ -24,7 +24,7 @@ import torch
 from monai.transforms import LoadImage
 from torch import nn
 
-from conftest import events, voco_command
+from conftest import Events, events, voco_command
 from voco.cli import main
 from voco.data.volumes import read_label_map, read_volume
 from voco.errors import VocoInputError
@@ -38,17 +38,6 @@ from voco.registry.package import Label, ModelCard, Preprocessing, read_package,
 LABELS = [Label(1, "liver", "#dd8244", {"scheme": "SCT", "code": "10200004", "meaning": "Liver"}),
           Label(5, "spleen", "#9d6c62", None)]
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
-
-
-class Events:
-    def __init__(self):
-        self.seen = []
-
-    def emit(self, event, **fields):
-        self.seen.append((event, fields))
-
-    def of(self, kind):
-        return [fields for event, fields in self.seen if event == kind]
 
 
 # --- volumes and models ---------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from ..data.volumes import Preprocessing, preprocess, read_volume
 from ..errors import VocoInputError
 from ..jobs.signals import Cancelled, cancel_on_signals, signals_held_at_exit
 from ..models.segmentation import build_segmentation_network
-from ..presets import parse_triple
 from ..registry.package import ModelPackage
 from ..training.distributed import choose_device
 from .resample import label_map_on_grid

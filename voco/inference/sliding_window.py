@@ -12,6 +12,7 @@ Each step is reported as a ``warning`` event, so a user sees why it became slowe
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable
@@ -128,7 +129,7 @@ class SlidingWindowPredictor:
         dtype = self._compute_dtype(batch.device)
         if dtype == torch.bfloat16:  # oneDNN's fast bfloat16 convolutions want channels-last tensors
             batch = batch.contiguous(memory_format=torch.channels_last_3d)
-        autocast = torch.autocast(batch.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        autocast = torch.autocast(batch.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         flips = MIRROR_AXES if self.mirror else [()]
         total = None
         with autocast:

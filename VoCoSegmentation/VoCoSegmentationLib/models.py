@@ -1,0 +1,140 @@
+"""The model list of the module's combo box: registry entries, installed and imported models,
+fine-tuned versions, each with its validation Dice next to the previous version's.
+
+It comes from ``python -m voco models list --progress jsonl`` (run through the process runner)
+plus the model packages of the module's own fine-tuning runs (``<runs>/*/model/model.json``)
+that have not been imported yet.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .process import EngineProcess
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    version: str
+    kind: str  # "segmentation" (runs in voco segment) or "backbone" (needs fine-tuning first)
+    installed: bool
+    path: str | None = None  # installed package folder / backbone file, or a fine-tuning run's package
+    architecture: str | None = None
+    labels: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    description: str = ""
+    source: str = "registry"  # "registry", "installed" (imported/cached only) or "run" (a local fine-tuning run)
+    previous_version: str | None = None
+    previous_dice: float | None = None
+
+    @property
+    def usable(self) -> bool:
+        """Can segment (a segmentation model); a backbone must be fine-tuned first."""
+        return self.kind == "segmentation"
+
+    @property
+    def needs_finetuning(self) -> bool:
+        return self.kind == "backbone"
+
+    @property
+    def dice(self) -> float | None:
+        value = self.metrics.get("mean_val_dice") if isinstance(self.metrics, dict) else None
+        return float(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def spec(self) -> str:
+        """What ``voco segment --model`` / ``voco finetune --init`` are given: the exact version's
+        path when it is on disk, else the name (the engine downloads the current version)."""
+        return self.path if self.installed and self.path else self.name
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.name, self.version
+
+    @property
+    def title(self) -> str:
+        """One line for the combo box, e.g. ``liver v2 — Dice 0.871 (v1: 0.802)``."""
+        text = f"{self.name} v{self.version}"
+        if self.needs_finetuning:
+            text += " — backbone, fine-tune first"
+        elif self.dice is not None:
+            text += f" — Dice {self.dice:.3f}"
+            if self.previous_dice is not None:
+                text += f" (v{self.previous_version}: {self.previous_dice:.3f})"
+        if not self.installed and self.kind == "segmentation":
+            text += " — will download"
+        return text
+
+
+def entries_from_event(event: dict) -> list[ModelEntry]:
+    """The ``models`` event of ``voco models list`` as entries."""
+    entries = []
+    for row in event.get("models", []):
+        from_registry = bool(row.get("url"))
+        entries.append(ModelEntry(name=str(row["name"]), version=str(row["version"]), kind=row.get("kind", "segmentation"),
+                                  installed=bool(row.get("installed")), path=row.get("path"),
+                                  architecture=row.get("architecture"), labels=list(row.get("labels") or []),
+                                  metrics=dict(row.get("metrics") or {}), description=row.get("description") or "",
+                                  source="registry" if from_registry else "installed"))
+    return entries
+
+
+def entries_from_runs(runs_folder) -> list[ModelEntry]:
+    """Model packages written by fine-tuning runs in ``runs_folder`` (``<run>/model/model.json``)."""
+    entries = []
+    folder = Path(runs_folder) if runs_folder else None
+    if folder is None or not folder.is_dir():
+        return entries
+    for card_path in sorted(folder.glob("*/model/model.json")):
+        try:
+            card = json.loads(card_path.read_text(encoding="utf-8"))
+            entries.append(ModelEntry(name=str(card["name"]), version=str(card["version"]), kind="segmentation",
+                                      installed=True, path=str(card_path.parent), architecture=card.get("architecture"),
+                                      labels=list(card.get("labels") or []), metrics=dict(card.get("metrics") or {}),
+                                      description=card.get("description") or "", source="run"))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a run still writing its first package, or a damaged one
+    return entries
+
+
+def merge_entries(entries: list[ModelEntry]) -> list[ModelEntry]:
+    """Drop duplicates (first wins), order by name then version, and fill in each version's
+    predecessor and its Dice."""
+    unique: dict[tuple[str, str], ModelEntry] = {}
+    for entry in entries:
+        unique.setdefault(entry.key, entry)
+    ordered = sorted(unique.values(), key=lambda e: (e.name.lower(), _version_key(e.version)))
+    previous: dict[str, ModelEntry] = {}
+    for entry in ordered:
+        before = previous.get(entry.name)
+        if before is not None:
+            entry.previous_version, entry.previous_dice = before.version, before.dice
+        previous[entry.name] = entry
+    return ordered
+
+
+def _version_key(version: str):
+    parts = str(version).replace("-", ".").split(".")
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts]
+
+
+def list_models(runner_factory=EngineProcess, runs_folder=None, timeout: float = 120.0, **runner_options) -> list[ModelEntry]:
+    """Run ``voco models list`` and return every model the module can offer (blocks; a few seconds)."""
+    runner = runner_factory(["models", "list"], **runner_options).start()
+    if runner.wait(timeout) is None:
+        runner.cancel()
+        raise RuntimeError("voco models list did not answer in time")
+    events = runner.poll()
+    errors = [e.get("message", "") for e in events if e.get("event") == "error"]
+    listed = [e for e in events if e.get("event") == "models"]
+    if errors or not listed:
+        raise RuntimeError(f"could not list models: {errors[0] if errors else 'no answer from the engine'}")
+    return merge_entries(entries_from_event(listed[-1]) + entries_from_runs(runs_folder))
+
+
+def latest_version(entries: list[ModelEntry], name: str) -> ModelEntry | None:
+    versions = [e for e in entries if e.name == name]
+    return versions[-1] if versions else None

@@ -1,0 +1,141 @@
+"""The engine's output (label map + ``OUTPUT.json`` sidecar) as a segmentation node.
+
+One segment per label of the model card, in card order, named and coloured as the card says,
+with Slicer's terminology entry where the card has a code, on the input volume's grid (the
+segmentation's reference geometry is the input volume; it goes under the input's parent
+transform). Labels the engine found no voxel of stay as empty segments and are reported.
+Nothing is left in the scene when anything fails.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .volumes import read_nrrd, same_grid
+
+# Slicer's terminology entry string (vtkSlicerTerminologiesModuleLogic::SerializeTerminologyEntry):
+# context~category~type~typeModifier~anatomicContext~region~regionModifier, each code "scheme^value^meaning".
+TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+ANATOMICAL_STRUCTURE = {"scheme": "SCT", "code": "123037004", "meaning": "Anatomical Structure"}
+LABEL_VALUE_TAG = "VoCo.LabelValue"  # the label value a segment came from (the training set reuses it)
+
+
+@dataclass
+class SegmentationResult:
+    node: object  # vtkMRMLSegmentationNode
+    segment_ids: dict = field(default_factory=dict)  # label value -> segment id
+    empty_labels: list = field(default_factory=list)  # names of labels with no voxel
+    sidecar: dict = field(default_factory=dict)
+
+
+def terminology_entry(code: dict | None, category: dict | None = None) -> str | None:
+    """Slicer's terminology entry string for a label's ``{"scheme", "code", "meaning"}``, or None."""
+    if not code or not code.get("code"):
+        return None
+
+    def coded(entry):
+        return "^".join(str((entry or {}).get(key) or "").replace("~", "-").replace("^", "-")
+                        for key in ("scheme", "code", "meaning"))
+
+    return "~".join([TERMINOLOGY_CONTEXT, coded(category or ANATOMICAL_STRUCTURE), coded(code), "^^",
+                     ANATOMIC_CONTEXT, "^^", "^^"])
+
+
+def hex_to_rgb(color: str) -> tuple[float, float, float]:
+    text = str(color).lstrip("#")
+    if len(text) != 6:
+        raise ValueError(f"colour {color!r} is not #rrggbb")
+    return tuple(int(text[i:i + 2], 16) / 255.0 for i in (0, 2, 4))
+
+
+def read_sidecar(label_map_path) -> dict:
+    """``seg.nrrd`` -> the content of ``seg.json``."""
+    path = Path(label_map_path)
+    sidecar = path.with_name(path.name[: -len("".join(path.suffixes[-1:]))] + ".json")
+    return json.loads(sidecar.read_text(encoding="utf-8"))
+
+
+def segmentation_from_output(label_map_path, volume_node, name: str | None = None, sidecar: dict | None = None,
+                             show_3d: bool = True) -> SegmentationResult:
+    """Make the segmentation node of an engine output on ``volume_node``'s grid (see module doc)."""
+    import slicer
+
+    sidecar = read_sidecar(label_map_path) if sidecar is None else sidecar
+    labels, matrix = read_nrrd(label_map_path)
+    if not same_grid(volume_node, labels, matrix):
+        raise ValueError(f"the engine's label map {Path(label_map_path).name} is not on the grid of "
+                         f"'{volume_node.GetName()}' (shape {labels.shape})")
+    model = sidecar.get("model") or {}
+    if name is None:
+        name = f"{volume_node.GetName()} {model.get('name', 'VoCo')}".strip()
+        if model.get("version"):
+            name += f" v{model['version']}"
+    scene = slicer.mrmlScene
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
+    try:
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+        result = SegmentationResult(node, sidecar=sidecar)
+        segmentation = node.GetSegmentation()
+        for label in sidecar.get("labels", []):
+            value = int(label["value"])
+            segment_id = segmentation.AddEmptySegment(f"label_{value}", str(label["name"]),
+                                                      hex_to_rgb(label.get("color") or "#808080"))
+            if not segment_id:
+                raise RuntimeError(f"could not add a segment for label {value} ({label['name']})")
+            segment = segmentation.GetSegment(segment_id)
+            segment.SetTag(LABEL_VALUE_TAG, str(value))
+            entry = terminology_entry(label.get("terminology"), label.get("category"))
+            if entry:
+                segment.SetTerminology(entry)
+            mask = labels == value
+            if mask.any():
+                _set_segment_mask(node, segment_id, mask, matrix)
+            else:
+                result.empty_labels.append(str(label["name"]))
+            result.segment_ids[value] = segment_id
+        if show_3d:
+            node.CreateClosedSurfaceRepresentation()
+        return result
+    except BaseException:
+        remove_node(node)
+        raise
+
+
+def _set_segment_mask(node, segment_id: str, mask_kji: np.ndarray, ijk_to_ras: np.ndarray) -> None:
+    """Set a segment from a KJI boolean array on the grid ``ijk_to_ras`` (the segmentation node's
+    own coordinates). No temporary node: ``slicer.util.updateSegmentBinaryLabelmapFromArray``
+    leaves a display node of its temporary label map in the scene."""
+    import slicer
+    from vtk.util import numpy_support
+
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(mask_kji.shape[2], mask_kji.shape[1], mask_kji.shape[0])
+    image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
+    voxels = np.ascontiguousarray(mask_kji, dtype=np.uint8).ravel()
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(voxels, deep=True,
+                                                               array_type=numpy_support.get_vtk_array_type(np.uint8)))
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if not logic.SetBinaryLabelmapToSegment(image, node, segment_id, logic.MODE_REPLACE):
+        raise RuntimeError(f"could not set the voxels of segment {segment_id}")
+
+
+def remove_node(node) -> None:
+    """Remove a displayable node and its display and storage nodes from the scene."""
+    import slicer
+
+    scene = slicer.mrmlScene
+    if node is None or node.GetScene() is None:
+        return
+    others = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    others += [node.GetStorageNode()] if hasattr(node, "GetStorageNode") else []
+    scene.RemoveNode(node)
+    for other in others:
+        if other is not None and other.GetScene() is not None:
+            scene.RemoveNode(other)

@@ -1,0 +1,163 @@
+"""The clinician's training set: corrected cases collected in Slicer for ``voco finetune``.
+
+A folder in the MSD layout::
+
+    dataset.json          {"name", "description", "labels": {"0": "background", "1": "liver", ...},
+                           "numTraining", "training": [{"image": "./imagesTr/case_0001.nrrd",
+                                                        "label": "./labelsTr/case_0001.nrrd"}, ...]}
+    imagesTr/case_0001.nrrd   the image on its own grid (LPS NRRD)
+    labelsTr/case_0001.nrrd   the corrected label map on the same grid
+
+Crash safety: every file is written under a temporary name, flushed to disk and renamed into
+place; dataset.json is replaced last. A crash at any moment leaves the previous dataset.json
+whole, plus at most files that it does not name; the next ``add`` removes those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from .volumes import check_scalar_volume, fsync_file, ijk_to_ras, label_array_from_segmentation, write_nrrd
+
+DATASET_JSON = "dataset.json"
+IMAGES, LABELS = "imagesTr", "labelsTr"
+TMP_PREFIX = ".tmp-"
+_CASE = re.compile(r"case_(\d+)\.nrrd")
+
+
+class TrainingSet:
+    """Example (Slicer's Python console)::
+
+        ts = TrainingSet("/data/voco-cases")
+        ts.add(getNode("CT"), getNode("CT liver v1"), {"liver": 1, "spleen": 5})
+        ts.count
+    """
+
+    def __init__(self, folder, name: str = "VoCo clinician cases"):
+        self.folder = Path(folder)
+        self.name = name
+
+    @property
+    def dataset_json(self) -> Path:
+        return self.folder / DATASET_JSON
+
+    def read(self) -> dict:
+        """The current dataset.json (an empty set when there is none yet)."""
+        if not self.dataset_json.is_file():
+            return {"name": self.name, "description": "cases corrected in 3D Slicer (VoCoSegmentation)",
+                    "tensorImageSize": "3D", "modality": {"0": "image"}, "labels": {"0": "background"},
+                    "numTraining": 0, "training": [], "test": []}
+        return json.loads(self.dataset_json.read_text(encoding="utf-8"))
+
+    def cases(self) -> list[dict]:
+        """The ``training`` entries, each with ``case_id`` added."""
+        return [{**entry, "case_id": Path(entry["image"]).name.split(".")[0]} for entry in self.read()["training"]]
+
+    @property
+    def count(self) -> int:
+        return len(self.read()["training"])
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        return {int(k): v for k, v in self.read()["labels"].items()}
+
+    def add(self, volume_node, segmentation_node, labels=None, segment_ids=None) -> str:
+        """Store the image and the segmentation as a new case; returns its id (``case_0001``...).
+
+        ``labels`` says which value each segment gets: ``{segment name: value}``, or a model card's
+        labels (a list of ``{"value", "name"}``). A segment not named there keeps the value tagged
+        by the model that made it, else takes the next free value; names already in dataset.json
+        keep their values. ``segment_ids`` restricts which segments are stored (default: all)."""
+        dataset = self.read()
+        self.remove_orphans(dataset)
+        values = self._segment_values(segmentation_node, labels, dataset, segment_ids)
+        if not values:
+            raise ValueError(f"segmentation '{segmentation_node.GetName()}' has no segments to store")
+        image = check_scalar_volume(volume_node)
+        label_array = label_array_from_segmentation(segmentation_node, volume_node,
+                                                    {sid: value for sid, (_, value) in values.items()})
+        if not label_array.any():
+            raise ValueError("the segmentation is empty on this volume: nothing to learn from")
+        case_id = self._next_case_id(dataset)
+        matrix = ijk_to_ras(volume_node)
+        image_path, label_path = self.folder / IMAGES / f"{case_id}.nrrd", self.folder / LABELS / f"{case_id}.nrrd"
+        self._atomic(image_path, lambda tmp: write_nrrd(image, matrix, tmp, compress=True))
+        self._atomic(label_path, lambda tmp: write_nrrd(label_array, matrix, tmp, compress=True))
+        for name, value in values.values():
+            dataset["labels"][str(value)] = name
+        dataset["labels"] = {k: dataset["labels"][k] for k in sorted(dataset["labels"], key=int)}
+        dataset["training"].append({"image": f"./{IMAGES}/{case_id}.nrrd", "label": f"./{LABELS}/{case_id}.nrrd"})
+        dataset["numTraining"] = len(dataset["training"])
+        self._atomic(self.dataset_json, lambda tmp: tmp.write_text(json.dumps(dataset, indent=1), encoding="utf-8"))
+        return case_id
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _segment_values(self, segmentation_node, labels, dataset, segment_ids) -> dict:
+        from .results import LABEL_VALUE_TAG
+
+        if isinstance(labels, (list, tuple)):
+            labels = {str(label["name"]): int(label["value"]) for label in labels}
+        by_name = {name: int(value) for value, name in dataset["labels"].items() if int(value) != 0}
+        by_name.update(labels or {})
+        used = set(by_name.values())
+        segmentation = segmentation_node.GetSegmentation()
+        ids = list(segment_ids) if segment_ids else [segmentation.GetNthSegmentID(i)
+                                                     for i in range(segmentation.GetNumberOfSegments())]
+        values = {}
+        for segment_id in ids:
+            segment = segmentation.GetSegment(segment_id)
+            if segment is None:
+                raise ValueError(f"no segment {segment_id!r} in '{segmentation_node.GetName()}'")
+            name = segment.GetName()
+            if name not in by_name:
+                tagged = segment.GetTag(LABEL_VALUE_TAG) if segment.HasTag(LABEL_VALUE_TAG) else ""
+                value = int(tagged) if tagged.isdigit() and int(tagged) not in used else max(used | {0}) + 1
+                by_name[name] = value
+                used.add(value)
+            if by_name[name] < 1:
+                raise ValueError(f"segment '{name}': label values must be at least 1 (0 is background)")
+            values[segment_id] = (name, by_name[name])
+        return values
+
+    def _next_case_id(self, dataset) -> str:
+        numbers = [int(m.group(1)) for entry in dataset["training"] if (m := _CASE.fullmatch(Path(entry["image"]).name))]
+        return f"case_{max(numbers, default=0) + 1:04d}"
+
+    def remove_orphans(self, dataset: dict | None = None) -> list[Path]:
+        """Delete temporary files and case files that dataset.json does not name (left by a crash)."""
+        dataset = self.read() if dataset is None else dataset
+        named = {(self.folder / entry[key]).resolve() for entry in dataset["training"] for key in ("image", "label")}
+        removed = []
+        for sub in (IMAGES, LABELS, "."):
+            folder = self.folder / sub
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                orphan = path.name.startswith(TMP_PREFIX) or (sub != "." and path.resolve() not in named)
+                if orphan and path.is_file():
+                    path.unlink()
+                    removed.append(path)
+        return removed
+
+    def _atomic(self, path: Path, write) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+        try:
+            write(tmp)
+            fsync_file(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:  # the rename itself reaches the disk
+            descriptor = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        except OSError:
+            pass  # not possible on every platform (Windows)

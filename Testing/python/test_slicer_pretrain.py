@@ -87,7 +87,7 @@ def test_run_lists_running_then_stops_on_sigterm_and_resumes_to_done(lifecycle):
     assert lifecycle["stop_sent"] is True
     assert lifecycle["after_stop"] == STOPPED
     stopped = lifecycle["info_stopped"]
-    assert stopped.checkpoint and Path(stopped.checkpoint).name == "checkpoint.pt"
+    assert stopped.checkpoint and Path(stopped.checkpoint).name == "checkpoint.pt" and stopped.resumable
     assert 1 <= stopped.step < STEPS and stopped.total == STEPS
     job = json.loads((Path(lifecycle["run"]) / "job.json").read_text())
     events = [json.loads(line) for line in (Path(lifecycle["run"]) / "events.jsonl").read_text().splitlines()]
@@ -108,7 +108,7 @@ def test_runs_report_failure_with_the_engines_message(tmp_path):
     run = runs.start_pretraining([tmp_path / "missing.nii.gz"], backbone="swinunetr-tiny", steps=2, name="bad")
     assert runs.wait(run, timeout=120) == FAILED
     info = runs.list_runs()[0]
-    assert (info.name, info.state, info.checkpoint) == ("bad", FAILED, None)
+    assert (info.name, info.state, info.checkpoint, info.resumable) == ("bad", FAILED, None, False)
     assert "missing.nii.gz" in info.message
     with pytest.raises(RuntimeError, match="no checkpoint"):
         runs.resume(run)

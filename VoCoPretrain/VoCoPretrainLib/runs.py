@@ -73,8 +73,13 @@ class RunInfo:
     pid: int | None = None
     started: float | None = None
 
+    @property
+    def resumable(self) -> bool:
+        """Not running and a checkpoint to continue from (enable the Resume button on this)."""
+        return self.state != RUNNING and self.checkpoint is not None
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "resumable": self.resumable}
 
 
 class _LiveJob:
@@ -166,7 +171,8 @@ class Runs:
     """Start, stop, resume and list runs in a workspace folder."""
 
     def __init__(self, workspace=None, runner_factory: Callable | None = None):
-        self.workspace = Path(workspace) if workspace is not None else default_workspace()
+        # absolute: the run folder is matched against the engine's command line to recognise its PID
+        self.workspace = (Path(workspace) if workspace is not None else default_workspace()).expanduser().absolute()
         self.runner_factory = runner_factory or default_runner_factory
         self._offsets: dict[str, int] = {}
 

@@ -240,7 +240,11 @@ def test_known_answer_and_roi_restricted_inference(mrml, toy, tmp_path, engine_e
     roi.SetCenter(-10.0, -6.0, 9.0)  # the sphere's right part (the sphere is centred at x = 4)
     roi.SetSize(12.0, 40.0, 40.0)
     job = logic.segment(volume, str(toy / "package"), device="cpu", roi_node=roi)
-    node = logic.finish(job, timeout=300)
+    output = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "chosen output")
+    before = node_ids(slicer.mrmlScene)
+    node = logic.finish(job, timeout=300, output_node=output)  # into the node picked in the module
+    assert node is output and node_ids(slicer.mrmlScene) - before == {output.GetDisplayNode().GetID()}
+    assert node.GetSegmentation().GetNumberOfSegments() == 1
     inside = segment_array(node, node.GetSegmentation().GetNthSegmentID(0), volume) > 0
     corners = np.array([[x, y, z] for x, y, z in np.array(np.meshgrid(*np.array(roi_ras_box(roi)).reshape(2, 3).T))
                         .reshape(3, -1).T])
@@ -349,7 +353,11 @@ def test_training_set_cases_are_on_the_image_grid_and_finetune_makes_the_next_ve
     logic.auto_finetune_every = 2
     assert logic.auto_finetune_due(training_set)
 
+    from VoCoSegmentationLib.logic import finetuned_name
+
     base = ModelEntry("organs", "1", "segmentation", True, str(package.folder), metrics={"mean_val_dice": 0.25})
+    assert finetuned_name(base) == finetuned_name(str(package.folder)) == "organs"
+    assert finetuned_name(ModelEntry("voco-b", "1", "backbone", False)) == "voco-b-seg"
     job = logic.finetune(training_set, base, steps=2, device="cpu",
                          extra_args=["--batch-size", "1", "--patch-size", "32", "--val-every", "2"])
     assert job.wait(600), job.status

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .models import ModelEntry, list_models
 from .process import EXIT_EVENT, EngineProcess
-from .results import SegmentationResult, segmentation_from_output
+from .results import SegmentationResult, move_into, segmentation_from_output
 from .roi import roi_argument
 from .training_set import TrainingSet
 from .volumes import write_volume
@@ -264,9 +264,11 @@ class SegmentationLogic:
         return SegmentationJob(process=process, kind="segment", status="starting the engine", volume_node=volume_node,
                                model=spec, temp_dir=temp_dir, input_path=input_path, output_path=output_path)
 
-    def finish(self, job: SegmentationJob, timeout: float | None = None, name: str | None = None):
+    def finish(self, job: SegmentationJob, timeout: float | None = None, name: str | None = None, output_node=None):
         """The segmentation node of a finished job (waits for it); raises with the engine's message
-        when it failed. Temporary files are removed either way."""
+        when it failed. Temporary files are removed either way. With ``output_node`` (an existing
+        segmentation node) the result's segments replace that node's and it is returned; a
+        failure leaves it as it was."""
         try:
             job.wait(timeout)
             if not job.finished:
@@ -276,6 +278,8 @@ class SegmentationLogic:
             if not job.succeeded:
                 raise RuntimeError(job.error or "segmentation failed")
             job.result = segmentation_from_output(job.output_path, job.volume_node, name=name)
+            if output_node is not None:
+                move_into(job.result, output_node, job.volume_node)
             job.fraction, job.status = 1.0, "done"
             if job.result.empty_labels:
                 job.status = f"done; no voxels for: {', '.join(job.result.empty_labels)}"
@@ -320,7 +324,7 @@ class SegmentationLogic:
         if training_set.count < 1:
             raise ValueError("the training set has no cases yet")
         spec = current_model.spec if isinstance(current_model, ModelEntry) else str(current_model)
-        name = name or (current_model.name if isinstance(current_model, ModelEntry) else Path(spec).name)
+        name = name or finetuned_name(current_model)
         run_dir = self.runs_folder / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         suffix = 1
         while run_dir.exists():
@@ -334,6 +338,23 @@ class SegmentationLogic:
         return FinetuneJob(process=process, kind="finetune", status="starting fine-tuning", training_set=training_set,
                            run_dir=run_dir, base_model=current_model if isinstance(current_model, ModelEntry) else None,
                            runner_factory=factory, runner_options=dict(self.runner_options))
+
+
+def finetuned_name(model) -> str:
+    """The name the fine-tuned package gets: the same as a segmentation model's (so it becomes its
+    next version), ``<backbone>-seg`` for a backbone (a backbone's name and version are taken)."""
+    if isinstance(model, ModelEntry):
+        return f"{model.name}-seg" if model.needs_finetuning else model.name
+    path = Path(str(model))
+    card = path / "model.json"
+    if card.is_file():
+        try:
+            return str(json.loads(card.read_text(encoding="utf-8"))["name"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if path.is_file():  # a checkpoint file
+        return f"{path.name.split('.')[0]}-seg"
+    return str(model)  # a registry name
 
 
 def devices_from_probe(info: dict) -> tuple[list[Device], str | None]:

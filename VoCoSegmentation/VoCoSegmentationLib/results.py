@@ -126,6 +126,21 @@ def _set_segment_mask(node, segment_id: str, mask_kji: np.ndarray, ijk_to_ras: n
         raise RuntimeError(f"could not set the voxels of segment {segment_id}")
 
 
+def move_into(result: SegmentationResult, output_node, volume_node, show_3d: bool = True) -> SegmentationResult:
+    """Put a result's segments into an existing segmentation node (its old segments are replaced)
+    and remove the result's own node with its display node."""
+    output_node.GetSegmentation().DeepCopy(result.node.GetSegmentation())
+    output_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    output_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    if output_node.GetDisplayNode() is None:
+        output_node.CreateDefaultDisplayNodes()
+    if show_3d:
+        output_node.CreateClosedSurfaceRepresentation()
+    remove_node(result.node)
+    result.node = output_node
+    return result
+
+
 def remove_node(node) -> None:
     """Remove a displayable node and its display and storage nodes from the scene."""
     import slicer

@@ -266,6 +266,8 @@ def test_rois_follow_oblique_and_left_handed_box_axes(mrml, tmp_path, flip):
     index_map[:8], index_map[8:] = 1, 2
     nib.save(nib.Nifti1Image(index_map, affine), str(tmp_path / "layout.nii.gz"))
     nodes = overlays.load_layout(tmp_path)
+    assert nodes.labelmap.GetAttribute(overlays.ROLE_ATTRIBUTE) == "layout"
+    assert nodes.bases[0].GetAttribute(overlays.ROLE_ATTRIBUTE) == "base"
     for node, box in zip(nodes.bases, boxes):
         assert_roi_matches(node, box)
         i, j, k = ras_to_ijk(nodes.labelmap, node.GetCenter())
@@ -303,3 +305,4 @@ def test_position_predictions_of_a_checkpoint(mrml, lifecycle, shipped, tmp_path
     painted = np.unique(heat[heat != 0])
     assert painted.size and np.abs(painted[:, None] - np.asarray(predicted)[None]).min(axis=1).max() < 1e-5
     assert nodes.heatmap.GetDisplayNode().GetColorNodeID() == nodes.display["color_node_id"]
+    assert nodes.heatmap.GetAttribute(overlays.ROLE_ATTRIBUTE) == "heatmap"

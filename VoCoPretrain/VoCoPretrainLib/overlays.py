@@ -30,6 +30,7 @@ BASE_COLOR = (1.0, 0.85, 0.1)      # yellow boxes for the base grid
 TARGET_COLOR = (0.1, 0.8, 1.0)     # cyan boxes for the sampled targets
 ERROR_SCALE = 0.5                  # a mean absolute overlap error this large is drawn fully red
 HEATMAP_COLOR_NODE_ID = "vtkMRMLColorTableNodeFullRainbow"
+ROLE_ATTRIBUTE = "VoCo.overlay"    # on every node added here: "base", "target", "layout", "heatmap", ...
 
 
 @dataclass
@@ -85,6 +86,7 @@ def add_box(box: dict, axes_ras, name: str, color, fill_opacity: float = 0.05, l
     node.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(box_matrix(box["center_ras"], axes_ras)))
     node.SetSize(*[float(s) for s in box["size_mm"]])
     node.SetLocked(locked)
+    node.SetAttribute(ROLE_ATTRIBUTE, box.get("kind", "box"))
     node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     display.SetSelectedColor(*color)
@@ -149,6 +151,7 @@ def load_layout(out_dir, prefix: str = "") -> LayoutNodes:
     nodes.labelmap = slicer.util.addVolumeFromArray(array.astype(np.int16), ijk_to_ras, f"{prefix}base crops",
                                                     "vtkMRMLLabelMapVolumeNode")
     nodes.labelmap.GetDisplayNode().SetAndObserveColorNodeID(nodes.color_table.GetID())
+    nodes.labelmap.SetAttribute(ROLE_ATTRIBUTE, "layout")
     return nodes
 
 
@@ -179,6 +182,7 @@ def load_positions(out_dir, prefix: str = "", error_scale: float = ERROR_SCALE) 
     rows = position_rows(positions)
     slicer.util.updateTableFromArray(table, [rows[:, 0].astype(np.int32), rows[:, 1].astype(np.int32),
                                              rows[:, 2], rows[:, 3], rows[:, 4]], list(POSITION_COLUMNS))
+    table.SetAttribute(ROLE_ATTRIBUTE, "positions")
     nodes.table = table
 
     axes = positions.get("box_axes_ras") or _axes_from_corners(positions["targets"][0])
@@ -198,6 +202,7 @@ def load_positions(out_dir, prefix: str = "", error_scale: float = ERROR_SCALE) 
     display.SetAndObserveColorNodeID(HEATMAP_COLOR_NODE_ID)
     display.SetAutoWindowLevel(False)
     display.SetWindowLevelMinMax(low, high)
+    heatmap.SetAttribute(ROLE_ATTRIBUTE, "heatmap")
     nodes.heatmap = heatmap
     nodes.display = {"color_node_id": HEATMAP_COLOR_NODE_ID, "window_min": low, "window_max": high,
                      "foreground_opacity": 0.5}

@@ -420,3 +420,24 @@ def test_no_module_file_imports_the_engine():
             for name in names:
                 assert name.split(".")[0] not in ("voco", "torch", "monai"), \
                     f"{path.relative_to(REPO)}:{node.lineno} imports {name} into Slicer's process"
+
+
+# --- (6) the self-tests a Slicer user runs, run here on real MRML and the real engine ------------
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_self_test_passes_on_real_mrml_with_the_engine(module):
+    """The module's ScriptedLoadableModuleTest end to end (tiny model / 2-step run on the CPU), with
+    stand-ins only for the Slicer application (see slicer_selftest_runner.py)."""
+    import subprocess
+    import sys
+
+    runner = Path(__file__).with_name("slicer_selftest_runner.py")
+    done = subprocess.run([sys.executable, str(runner), module], capture_output=True, text=True, timeout=1200,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["ok"] and not summary["skipped"]
+    shown = [next(iter(call)) for call in summary["calls"]]
+    if module == "VoCoPretrain":
+        assert shown == ["setSliceViewerLayers", "ShowChartInLayout", "setSliceViewerLayers"]

@@ -151,7 +151,12 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self.refreshRuns()
         if not self._devices:
-            qt.QTimer.singleShot(0, self.refreshDevices)
+            import VoCoDependencies
+
+            if VoCoDependencies.torchMissing() or VoCoDependencies.missingRequirements():
+                self.ui.statusLabel.text = "VoCo's Python packages are not installed yet: see Set-up below."
+            else:
+                qt.QTimer.singleShot(0, self.refreshDevices)
         self.timer.start()
 
     def exit(self) -> None:

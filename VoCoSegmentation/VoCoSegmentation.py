@@ -142,8 +142,13 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         self.initializeParameterNode()
         if not self._models:
-            # First visit: fill the model and device lists (asks the engine's Python; a few seconds).
-            qt.QTimer.singleShot(0, self.onRefreshModels)
+            import VoCoDependencies
+
+            if VoCoDependencies.torchMissing() or VoCoDependencies.missingRequirements():
+                self.ui.statusLabel.text = "VoCo's Python packages are not installed yet: see Set-up below."
+            else:
+                # First visit: fill the model and device lists (asks the engine's Python; a few seconds).
+                qt.QTimer.singleShot(0, self.onRefreshModels)
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -359,7 +364,7 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 elif not job.succeeded:
                     raise RuntimeError(job.error or f"{job.kind} failed")
                 else:
-                    self._parameterNode.model = job.model_path or self._parameterNode.model
+                    self._parameterNode.model = getattr(job, "model_path", None) or self._parameterNode.model
                     self._showModels(self.logic.models())
             self.ui.statusLabel.text = job.status
         elif job is not None and job.cancelled:

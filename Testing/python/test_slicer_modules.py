@@ -160,6 +160,47 @@ def test_every_widget_the_module_uses_exists_in_its_ui(module):
     assert not missing, f"{module}.py uses widgets that {module}.ui lacks: {missing}"
 
 
+# Members of Slicer's own widget classes the modules use, read in their headers (CTK Libs/Widgets,
+# Slicer Libs/MRML/Widgets): ctkPathLineEdit Q_PROPERTY filters; qMRMLWidget slot setMRMLScene.
+CUSTOM_MEMBERS = {"ctkPathLineEdit": {"filters"}, "qMRMLWidget": {"setMRMLScene"}}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_widget_members_and_signals_the_module_uses_exist_on_the_qt_classes(qapp, module):
+    """``self.ui.X.attr = v`` / ``self.ui.X.attr`` must be a Qt property of X's class (PythonQt maps
+    properties to attributes), ``self.ui.X.method()`` a method, and ``self.ui.X.connect("sig(args)",
+    slot)`` (PythonQt) a signal of that class."""
+    from PySide6 import QtWidgets
+
+    widgets = ui_widgets(module)
+    problems = []
+    for node in ast.walk(parse(REPO / module / f"{module}.py")):
+        if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                and dotted(node.value.value) == "self.ui"):
+            continue
+        name, member = node.value.attr, node.attr
+        cls_name = widgets.get(name)
+        cls = getattr(QtWidgets, cls_name, None)
+        if cls is None:
+            if member not in CUSTOM_MEMBERS.get(cls_name, set()):
+                problems.append(f"{name} ({cls_name}).{member}: not checked")
+            continue
+        meta = cls.staticMetaObject
+        if member == "connect":
+            continue  # the signal is checked below
+        if meta.indexOfProperty(member) < 0 and not callable(getattr(cls, member, None)):
+            problems.append(f"{name} ({cls_name}) has no property or method {member}")
+    for node in ast.walk(parse(REPO / module / f"{module}.py")):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"
+                and isinstance(node.func.value, ast.Attribute) and dotted(node.func.value.value) == "self.ui"):
+            name = node.func.value.attr
+            signal = node.args[0].value
+            cls = getattr(QtWidgets, widgets[name], None)
+            if cls is None or cls.staticMetaObject.indexOfSignal(signal) < 0:
+                problems.append(f"{name} ({widgets[name]}) has no signal {signal}")
+    assert not problems, problems
+
+
 def parameter_fields(module: str) -> dict[str, str]:
     """name -> annotation source of the @parameterNodeWrapper class of the module."""
     tree = parse(REPO / module / f"{module}.py")

@@ -420,18 +420,9 @@ class VoCoSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def finish(self, job, outputNode=None, timeout=None):
         """The result of a finished segmentation job; with ``outputNode`` its segments replace that
-        node's (the new node is removed), so a chosen output node keeps its place in the scene."""
-        node = self.lib.finish(job, timeout=timeout)
-        if outputNode is None or outputNode is node:
-            return node
-        outputNode.GetSegmentation().DeepCopy(node.GetSegmentation())
-        outputNode.SetReferenceImageGeometryParameterFromVolumeNode(job.volume_node)
-        outputNode.SetAndObserveTransformNodeID(job.volume_node.GetTransformNodeID())
-        if not outputNode.GetDisplayNode():
-            outputNode.CreateDefaultDisplayNodes()
-        outputNode.CreateClosedSurfaceRepresentation()
-        slicer.mrmlScene.RemoveNode(node)
-        return outputNode
+        node's, so a chosen output node keeps its place in the scene (the Lib removes the temporary
+        node with its display node)."""
+        return self.lib.finish(job, timeout=timeout, output_node=outputNode)
 
     def cancel(self, job) -> None:
         self.lib.cancel(job)

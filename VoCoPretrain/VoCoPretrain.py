@@ -428,7 +428,8 @@ class VoCoPretrainLogic(ScriptedLoadableModuleLogic):
     def sceneVolumes(self) -> list:
         """Scalar volumes of the scene that are images (not VoCo's own heat maps)."""
         nodes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-        return [n for n in nodes if not n.IsA("vtkMRMLLabelMapVolumeNode") and not n.GetName().startswith("predicted")]
+        # Overlays made by VoCoPretrainLib carry a "VoCo.overlay" attribute; they are results, not data.
+        return [n for n in nodes if not n.IsA("vtkMRMLLabelMapVolumeNode") and not n.GetAttribute("VoCo.overlay")]
 
     def submittedCasesDataset(self) -> Path:
         return vocoHome() / "training-set" / "dataset.json"

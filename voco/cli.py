@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the demo's)")
     p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps (default: the demo's)")
+    p = sub.add_parser("studio", help="VoCo Studio: the Slicer workflows in a browser (needs the 'studio' extra)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--data", nargs="+", default=[], help="volumes to offer; the first is loaded instead of the sample")
+    p.add_argument("--workdir", help="models, training set, runs (default: a folder in the temp dir)")
     for command in _leaf_parsers(sub):
         command.add_argument("--progress", choices=["jsonl", "human"], default="human",
                              help="jsonl: one JSON event per line on stdout (see README)")
@@ -228,8 +233,21 @@ def cmd_models(args, reporter) -> int:
     return 0
 
 
+def cmd_studio(args, reporter) -> int:
+    """Imported here only: the engine itself never needs vtk, Slicer or trame."""
+    try:
+        import trame_slicer  # noqa: F401
+    except ImportError:
+        raise VocoInputError("voco studio needs trame-slicer: pip install -e '.[studio]'") from None
+    from voco_studio import serve
+
+    serve(host=args.host, port=args.port, data=args.data, workdir=args.workdir)
+    return 0
+
+
 COMMANDS = {"pretrain": cmd_pretrain, "crops": cmd_crops, "positions": cmd_positions, "finetune": cmd_finetune,
-            "segment": cmd_segment, "checkpoint": cmd_checkpoint, "models": cmd_models, "demo": cmd_demo}
+            "segment": cmd_segment, "checkpoint": cmd_checkpoint, "models": cmd_models, "demo": cmd_demo,
+            "studio": cmd_studio}
 
 
 def main(argv=None) -> int:

@@ -138,3 +138,12 @@ def test_a_bad_file_in_a_dataset_is_skipped_with_a_warning(tmp_path, capsys):
     assert len(warnings) == 1 and "c.nii.gz" in warnings[0]["message"]
     start = next(e for e in stream if e["event"] == "start")
     assert start["volumes"] == 2 and start["skipped"] == 1
+
+
+def test_studio_without_trame_slicer_is_a_one_line_error(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "trame_slicer", None)  # as if the 'studio' extra were not installed
+    assert main(["studio", "--port", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: voco studio needs trame-slicer: pip install -e '.[studio]'"]

@@ -1,0 +1,606 @@
+"""VoCo Studio: the VoCoSegmentation and VoCoPretrain workflows in a browser, on Slicer's MRML.
+
+trame-slicer's ``SlicerApp`` holds the scene and the module logics; its remote-rendered slice and
+3D views show it. The side panel calls ``SegmentationLogic`` / ``PretrainLogic`` from the
+modules' Lib packages unchanged. Long work runs in the engine's own processes (as in Slicer);
+``poll_once`` (an asyncio task every ``POLL_S``) moves their state into the shared trame state,
+so every browser tab sees the same jobs. Element ids: README_TESTIDS.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import time
+import traceback
+import types
+from pathlib import Path
+
+from .headless import configure_offscreen_rendering, disable_depth_peeling
+
+ROOT = Path(__file__).resolve().parents[1]
+for _module in ("VoCoSegmentation", "VoCoPretrain"):
+    if str(ROOT / _module) not in sys.path:
+        sys.path.insert(0, str(ROOT / _module))
+
+configure_offscreen_rendering()
+
+import slicer  # noqa: E402
+from trame.app import TrameApp  # noqa: E402
+from trame.decorators import change  # noqa: E402
+from trame.ui.vuetify3 import SinglePageWithDrawerLayout  # noqa: E402
+from trame.widgets import html  # noqa: E402
+from trame.widgets import vuetify3 as v  # noqa: E402
+from trame_slicer import module as trame_slicer_module  # noqa: E402
+from trame_slicer.core import LayoutManager, SlicerApp  # noqa: E402
+from trame_slicer.rca_view import register_rca_factories  # noqa: E402
+from trame_slicer.segmentation import (  # noqa: E402
+    SegmentationEffectErase,
+    SegmentationEffectNoTool,
+    SegmentationEffectPaint,
+)
+from trame_slicer.utils import write_client_files_to_dir  # noqa: E402
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
+from VoCoPretrainLib.logic import PretrainLogic  # noqa: E402
+from VoCoSegmentationLib.logic import SegmentationLogic  # noqa: E402
+from VoCoSegmentationLib.training_set import TrainingSet  # noqa: E402
+
+from .chart import loss_chart_svg, table_columns  # noqa: E402
+from .demo_model import build_tiny_model  # noqa: E402
+
+POLL_S = 0.5
+SAMPLES = ["mni152-t1", "spine-ct"]
+TESTID = [("data_testid", "data-testid")]
+
+
+def tid(name: str, **kwargs) -> dict:
+    """``id`` and ``data-testid`` both set to ``name`` (README_TESTIDS.md)."""
+    return {"id": name, "__properties": TESTID, "data_testid": name, **kwargs}
+
+
+def layouts() -> dict:
+    red, yellow, green = (ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.sagittal_view(),
+                          ViewLayoutDefinition.coronal_view())
+    three_d = ViewLayoutDefinition.threed_view()
+    return {
+        "Four-up": Layout(LayoutDirection.Horizontal, [Layout(LayoutDirection.Vertical, [red, three_d]),
+                                                      Layout(LayoutDirection.Vertical, [yellow, green])]),
+        "Axial": Layout(LayoutDirection.Vertical, [red]),
+        "3D": Layout(LayoutDirection.Vertical, [three_d]),
+    }
+
+
+def install_slicer_globals(slicer_app: SlicerApp) -> None:
+    """``slicer.mrmlScene`` and ``slicer.modules.<name>.logic()`` as in Slicer, for ``slicer.util``
+    and the Lib packages."""
+    logics = {"colors": slicer_app.color_logic, "volumes": slicer_app.volumes_logic,
+              "segmentations": slicer_app.segmentations_logic, "subjecthierarchy": slicer_app.subject_hierarchy_logic,
+              "terminologies": slicer_app.terminologies_logic, "data": slicer_app.data_logic}
+    slicer.mrmlScene = slicer_app.scene
+    slicer.modules = types.SimpleNamespace(
+        **{name: types.SimpleNamespace(logic=lambda logic=logic: logic) for name, logic in logics.items()})
+
+
+def _marker_ui(name: str, default_ui):
+    """A view's overlay UI plus an invisible marker carrying the view's test id."""
+
+    def populate(server, view_id, slicer_view):
+        default_ui(server, view_id, slicer_view)
+        html.Div(**tid(name), style="position:absolute;top:0;left:0;width:1px;height:1px;pointer-events:none")
+
+    return populate
+
+
+class StudioApp(TrameApp):
+    def __init__(self, server=None, workdir=None, data=(), load_default: bool = True, rca_encoder=None):
+        super().__init__(server)
+        self.server.enable_module(trame_slicer_module)
+        self.workdir = Path(workdir or Path(tempfile.gettempdir()) / "voco-studio")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.data_paths = [str(p) for p in data]
+
+        self.slicer_app = SlicerApp()
+        install_slicer_globals(self.slicer_app)
+        self._register_views(rca_encoder)
+        self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
+        self.layout_manager.register_layout_dict(layouts())
+
+        self.segmentation_logic = SegmentationLogic(runs_folder=self.workdir / "finetune-runs")
+        self.pretrain_logic = PretrainLogic(workspace=self.workdir / "pretrain")
+        self.training_set = TrainingSet(self.workdir / "training-set")
+        self.volume_node = None
+        self.segmentation_node = None
+        self.models: dict[str, object] = {}  # spec -> ModelEntry or path
+        self.jobs: dict[str, dict] = {}      # job id -> {"kind", "job"}
+        self.versions: list[dict] = []
+        self._poll_task = None
+
+        self._init_state()
+        self._build_ui()
+        self.layout_manager.set_layout(self.state.layout)
+        self._fix_threed_views()
+        if load_default:
+            if self.data_paths:
+                self.load_path(self.data_paths[0])
+            else:
+                self.load_sample(SAMPLES[0])
+        self.ctrl.on_server_ready.add(self._start_polling)
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def _register_views(self, rca_encoder) -> None:
+        from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui, create_vertical_view_gutter_ui
+
+        def slice_ui_named(server, view_id, slicer_view):
+            label = str(view_id).split("_")[-1].lower() if view_id else ""
+            for color in ("red", "yellow", "green"):
+                if color in str(view_id).lower():
+                    label = color
+            _marker_ui(f"view-{label}", create_vertical_slice_view_gutter_ui)(server, view_id, slicer_view)
+
+        register_rca_factories(self.slicer_app.view_manager, self.server, rca_encoder=rca_encoder,
+                               slice_view_ui_f=slice_ui_named,
+                               three_d_view_ui_f=_marker_ui("view-3d", create_vertical_view_gutter_ui))
+
+    def _fix_threed_views(self) -> None:
+        for view in self.slicer_app.view_manager.get_threed_views():
+            disable_depth_peeling(view.render_window())
+
+    def _init_state(self) -> None:
+        s = self.state
+        s.trame__title = "VoCo Studio"
+        s.layout = "Four-up"
+        s.layouts = list(layouts())
+        s.tab = "segmentation"
+        s.status_text = "Starting"
+        s.samples = SAMPLES
+        s.sample = SAMPLES[0]
+        s.volume_path = self.data_paths[0] if self.data_paths else ""
+        s.volume_paths = self.data_paths
+        s.volume_name = ""
+        s.upload_files = None
+        s.model_options = []
+        s.model = ""
+        s.model_path = ""
+        s.devices = ["auto", "cpu"]
+        s.device = "cpu"
+        s.seg_running = False
+        s.seg_progress = 0
+        s.seg_status = ""
+        s.segments = []
+        s.editor_effect = "none"
+        s.training_set_count = self.training_set.count
+        s.finetune_steps = 20
+        s.versions = []
+        s.jobs = []
+        s.pretrain_runs = []
+        s.pretrain_run = ""
+        s.pretrain_steps = 20
+        s.pretrain_state = "idle"
+        s.loss_svg = loss_chart_svg({})
+        s.positions = []
+        s.heatmap_visible = True
+
+    # --- volumes -------------------------------------------------------------------------------
+
+    def _show_volume(self, node, name: str) -> None:
+        self.volume_node = node
+        self.segmentation_node = None
+        self.state.segments = []
+        self.slicer_app.display_manager.show_volume(node, vr_preset="MR-Default", do_reset_views=True)
+        self._fix_threed_views()
+        self.state.volume_name = node.GetName()
+        self.state.status_text = f"Loaded {name}"
+
+    def load_file(self, path, name: str | None = None):
+        nodes = self.slicer_app.io_manager.load_volumes([str(path)])
+        if not nodes:
+            raise ValueError(f"could not read a volume from {path}")
+        self._show_volume(nodes[0], name or Path(path).name)
+        return nodes[0]
+
+    def load_sample(self, name: str | None = None):
+        from voco.data.sample_data import fetch
+
+        name = name or self.state.sample
+        return self._guarded(lambda: self.load_file(fetch(name), name))
+
+    def load_path(self, path: str | None = None):
+        path = path or self.state.volume_path
+        return self._guarded(lambda: self.load_file(Path(path).expanduser()))
+
+    @change("upload_files")
+    def _on_upload(self, upload_files, **_):
+        if not upload_files:
+            return
+        files = upload_files if isinstance(upload_files, list) else [upload_files]
+        folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self.workdir))
+        paths = write_client_files_to_dir(files, folder)
+        self._guarded(lambda: self.load_file(paths[0]))
+
+    @change("layout")
+    def _on_layout(self, layout, **_):
+        self.layout_manager.set_layout(layout)
+        self._fix_threed_views()
+
+    def _guarded(self, action):
+        try:
+            return action()
+        except Exception as exc:  # shown to the user, as tryWithErrorDisplay does in Slicer
+            traceback.print_exc()
+            self.state.status_text = f"Error: {exc}"
+            return None
+
+    # --- segmentation workflow -----------------------------------------------------------------
+
+    def _add_model(self, spec: str, title: str) -> None:
+        self.models[spec] = spec
+        options = [o for o in self.state.model_options if o["value"] != spec] + [{"value": spec, "title": title}]
+        self.state.model_options = options
+        self.state.model = spec
+
+    def build_demo_model(self):
+        def build():
+            folder = build_tiny_model(self.workdir / "models")
+            self._add_model(str(folder), "studio-demo v1 (tiny, random weights)")
+            self.versions.append({"name": "studio-demo", "version": "1", "path": str(folder), "dice": None})
+            self.state.versions = list(self.versions)
+            self.state.status_text = "Built tiny demo model"
+            return folder
+
+        return self._guarded(build)
+
+    def add_model_path(self):
+        path = self.state.model_path.strip()
+        if path:
+            self._add_model(path, Path(path).name)
+
+    def run_segmentation(self):
+        def run():
+            if self.volume_node is None:
+                raise ValueError("load a volume first")
+            if not self.state.model:
+                raise ValueError("pick a model (or build the tiny demo model)")
+            job = self.segmentation_logic.segment(self.volume_node, self.state.model, device=self.state.device)
+            job_id = self._add_job("segment", job)
+            self.state.seg_running = True
+            self.state.seg_progress = 0
+            self.state.status_text = "Segmenting"
+            return job_id
+
+        return self._guarded(run)
+
+    def cancel_segmentation(self):
+        for entry in self.jobs.values():
+            job = entry["job"]
+            if entry["kind"] == "segment" and not job.finished:
+                self.segmentation_logic.cancel(job)
+        self.state.seg_running = False
+        self.state.status_text = "Cancelled"
+        self._publish_jobs()
+
+    def _finish_segmentation(self, job) -> None:
+        try:
+            node = self.segmentation_logic.finish(job, name=f"{self.volume_node.GetName()} segmentation")
+        except Exception as exc:
+            self.state.status_text = f"Error: {exc}"
+            return
+        self.segmentation_node = node
+        node.CreateDefaultDisplayNodes()
+        node.CreateClosedSurfaceRepresentation()
+        self.slicer_app.segmentation_editor.set_active_segmentation(node, self.volume_node)
+        self._publish_segments()
+        self.state.status_text = f"Segmentation done: {len(self.state.segments)} segments"
+
+    def _publish_segments(self) -> None:
+        segments = []
+        if self.segmentation_node is not None:
+            segmentation = self.segmentation_node.GetSegmentation()
+            for i in range(segmentation.GetNumberOfSegments()):
+                segment = segmentation.GetNthSegment(i)
+                r, g, b = segment.GetColor()
+                segments.append({"id": segmentation.GetNthSegmentID(i), "name": segment.GetName(),
+                                 "color": "#%02x%02x%02x" % (round(r * 255), round(g * 255), round(b * 255))})
+        self.state.segments = segments
+
+    def set_editor_effect(self, effect: str):
+        editor = self.slicer_app.segmentation_editor
+        if self.segmentation_node is None:
+            self.state.status_text = "Error: no segmentation to edit yet"
+            return
+        kinds = {"paint": SegmentationEffectPaint, "erase": SegmentationEffectErase, "none": SegmentationEffectNoTool}
+        editor.set_active_effect_type(kinds[effect])
+        self.state.editor_effect = effect
+
+    def select_segment(self, segment_id: str):
+        if self.segmentation_node is not None:
+            self.slicer_app.segmentation_editor.set_active_segment_id(segment_id)
+
+    def add_to_training_set(self):
+        def add():
+            if self.segmentation_node is None:
+                raise ValueError("run a segmentation first")
+            case = self.segmentation_logic.add_to_training_set(self.training_set, self.volume_node,
+                                                               self.segmentation_node)
+            self.state.training_set_count = self.training_set.count
+            self.state.status_text = f"Added case {case} to the training set"
+            return case
+
+        return self._guarded(add)
+
+    def finetune(self):
+        def start():
+            job = self.segmentation_logic.finetune(self.training_set, self.state.model,
+                                                   steps=int(self.state.finetune_steps), device=self.state.device)
+            self.state.status_text = "Fine-tuning"
+            return self._add_job("finetune", job)
+
+        return self._guarded(start)
+
+    def compare_versions(self):
+        """Run the two latest model versions; both segmentations stay in the scene."""
+        if len(self.versions) < 2:
+            self.state.status_text = "Error: need two model versions (fine-tune first)"
+            return
+        for version in self.versions[-2:]:
+            job = self.segmentation_logic.segment(self.volume_node, version["path"], device=self.state.device)
+            self._add_job("segment", job)
+
+    # --- pretrain workflow ---------------------------------------------------------------------
+
+    def start_pretraining(self):
+        def start():
+            if self.volume_node is None:
+                raise ValueError("load a volume first")
+            run_dir = self.pretrain_logic.start_pretraining([self.volume_node], preset="demo",
+                                                            steps=int(self.state.pretrain_steps), device="cpu")
+            self.state.pretrain_run = str(run_dir)
+            self.pretrain_logic.curves_for(run_dir)
+            self._refresh_runs()
+            return run_dir
+
+        return self._guarded(start)
+
+    def stop_pretraining(self):
+        if self.state.pretrain_run:
+            self._guarded(lambda: self.pretrain_logic.stop(self.state.pretrain_run))
+            self._refresh_runs()
+
+    def resume_pretraining(self):
+        if self.state.pretrain_run:
+            self._guarded(lambda: self.pretrain_logic.resume(self.state.pretrain_run,
+                                                             steps=int(self.state.pretrain_steps)))
+            self._refresh_runs()
+
+    def show_crop_layout(self):
+        def crops():
+            nodes = self.pretrain_logic.crop_layout(self.volume_node, self.workdir / "crops" / str(int(time.time())))
+            self.slicer_app.display_manager.show_volume_in_slice_foreground(nodes.labelmap)
+            for view in self.slicer_app.view_manager.get_slice_views():
+                view.logic.GetSliceCompositeNode().SetForegroundOpacity(0.4)
+            self._fix_threed_views()
+            self.state.status_text = f"Crop layout: {len(nodes.bases)} bases, {len(nodes.targets)} targets"
+            return nodes
+
+        return self._guarded(crops)
+
+    def show_positions(self):
+        def positions():
+            run = self.state.pretrain_run
+            if not run:
+                raise ValueError("pick a pretraining run with a checkpoint")
+            nodes = self.pretrain_logic.position_predictions(self.volume_node, run,
+                                                             self.workdir / "positions" / str(int(time.time())))
+            self._positions_heatmap = nodes.heatmap
+            if self.state.heatmap_visible:
+                self.slicer_app.display_manager.show_volume_in_slice_foreground(nodes.heatmap)
+            columns = table_columns(nodes.table)
+            n = len(next(iter(columns.values()), []))
+            self.state.positions = [{k: (round(v[i], 3) if isinstance(v[i], float) else v[i]) for k, v in columns.items()}
+                                    for i in range(n)]
+            self.state.status_text = f"Position predictions: {n} rows"
+            return nodes
+
+        return self._guarded(positions)
+
+    @change("heatmap_visible")
+    def _on_heatmap(self, heatmap_visible, **_):
+        heatmap = getattr(self, "_positions_heatmap", None)
+        if heatmap is not None:
+            self.slicer_app.display_manager.show_volume_in_slice_foreground(heatmap if heatmap_visible else None)
+
+    def _refresh_runs(self) -> None:
+        runs = self.pretrain_logic.list_runs()
+        self.state.pretrain_runs = [{"value": r.path, "title": f"{r.name} ({r.state})"} for r in runs]
+        current = next((r for r in runs if r.path == self.state.pretrain_run), None)
+        self.state.pretrain_state = current.state if current else "idle"
+
+    @change("pretrain_run")
+    def _on_pretrain_run(self, pretrain_run, **_):
+        if pretrain_run:
+            self._guarded(lambda: self.pretrain_logic.curves_for(pretrain_run))
+            self._update_chart()
+
+    def _update_chart(self) -> None:
+        run = self.state.pretrain_run
+        curves = self.pretrain_logic.curves.get(str(Path(run))) if run else None
+        self.state.loss_svg = loss_chart_svg(table_columns(curves.loss_table) if curves else {})
+
+    # --- jobs ----------------------------------------------------------------------------------
+
+    def _add_job(self, kind: str, job) -> str:
+        job_id = f"{kind}-{len(self.jobs) + 1}"
+        self.jobs[job_id] = {"kind": kind, "job": job, "done": False}
+        self._publish_jobs()
+        return job_id
+
+    def _publish_jobs(self) -> None:
+        rows = []
+        for job_id, entry in self.jobs.items():
+            job = entry["job"]
+            state = ("cancelled" if job.cancelled else "running" if not job.finished
+                     else "finished" if job.succeeded else "failed")
+            rows.append({"id": job_id, "kind": entry["kind"], "state": state,
+                         "progress": round(100 * job.fraction), "status": job.error or job.status})
+        for run in self.state.pretrain_runs:
+            rows.append({"id": Path(run["value"]).name, "kind": "pretrain", "state": run["title"].rsplit("(", 1)[-1][:-1],
+                         "progress": None, "status": ""})
+        self.state.jobs = rows
+
+    def poll_once(self) -> None:
+        """Advance every job: engine events -> job state -> trame state (all tabs)."""
+        with self.state:
+            for entry in self.jobs.values():
+                job = entry["job"]
+                if entry["done"]:
+                    continue
+                job.update()
+                if entry["kind"] == "segment":
+                    self.state.seg_progress = round(100 * job.fraction)
+                    self.state.seg_status = job.status
+                if job.finished:
+                    entry["done"] = True
+                    if entry["kind"] == "segment":
+                        self.state.seg_running = any(not e["done"] for e in self.jobs.values() if e["kind"] == "segment")
+                        if job.succeeded:
+                            self._finish_segmentation(job)
+                        else:
+                            self.state.status_text = f"Error: {job.error or job.status}"
+                    elif entry["kind"] == "finetune":
+                        if job.succeeded and job.model_path:
+                            self._add_model(job.model_path, f"{job.model_name} v{job.model_version}")
+                            self.versions.append({"name": job.model_name, "version": job.model_version,
+                                                  "path": job.model_path, "dice": job.best_dice})
+                            self.state.versions = list(self.versions)
+                        self.state.status_text = job.status if job.succeeded else f"Error: {job.error}"
+            if self.pretrain_logic.curves:
+                if self.pretrain_logic.update_curves():
+                    self._update_chart()
+                self._refresh_runs()
+            self._publish_jobs()
+
+    def _start_polling(self, **_):
+        async def loop():
+            while True:
+                try:
+                    self.poll_once()
+                except Exception:
+                    traceback.print_exc()
+                await asyncio.sleep(POLL_S)
+
+        self._poll_task = asyncio.get_event_loop().create_task(loop())
+
+    # --- UI ------------------------------------------------------------------------------------
+
+    def _build_ui(self) -> None:
+        with SinglePageWithDrawerLayout(self.server, full_height=True) as layout:
+            self.ui = layout
+            layout.root.theme = "dark"
+            layout.title.set_text("VoCo Studio")
+            with layout.toolbar:
+                v.VSpacer()
+                with html.Select(v_model=("layout",), **tid("layout-select"),
+                                 style="background:#333;color:#fff;margin:0 8px"):
+                    html.Option("{{ l }}", v_for="l in layouts", key="l", value=("l",))
+                v.VProgressCircular(v_if=("trame__busy",), indeterminate=True, size=20, **tid("busy-indicator"))
+                html.Span("{{ status_text }}", **tid("status-text"), style="margin:0 12px")
+            with layout.drawer as drawer:
+                drawer.width = 380
+                html.Div(**tid("studio-root"), style="display:none")
+                with v.VTabs(v_model=("tab",), density="compact"):
+                    v.VTab("Segmentation", value="segmentation", **tid("tab-segmentation"))
+                    v.VTab("Pretrain", value="pretrain", **tid("tab-pretrain"))
+                with html.Div(v_show="tab === 'segmentation'", **tid("panel-segmentation"), classes="pa-2"):
+                    self._segmentation_panel()
+                with html.Div(v_show="tab === 'pretrain'", **tid("panel-pretrain"), classes="pa-2"):
+                    self._pretrain_panel()
+                v.VDivider()
+                self._jobs_table()
+            with layout.content:
+                with v.VContainer(fluid=True, classes="pa-0 fill-height"):
+                    self.layout_manager.initialize_layout_grid(layout)
+
+    def _select(self, model: str, options: str, testid: str) -> None:
+        with html.Select(v_model=(model,), **tid(testid), style="background:#333;color:#fff;width:100%;margin:2px 0"):
+            html.Option("{{ o.title }}", v_for=f"o in {options}", key="o.value", value=("o.value",))
+
+    def _segmentation_panel(self) -> None:
+        html.Div("Volume", classes="text-subtitle-2")
+        with html.Select(v_model=("sample",), **tid("sample-select"), style="background:#333;color:#fff"):
+            html.Option("{{ s }}", v_for="s in samples", key="s", value=("s",))
+        v.VBtn("Load sample", click=self.load_sample, size="small", **tid("load-sample-button"))
+        v.VFileInput(v_model=("upload_files",), label="Upload NIfTI / NRRD", density="compact",
+                     hide_details=True, **tid("volume-upload"))
+        v.VTextField(v_model=("volume_path",), label="Server path", density="compact", hide_details=True,
+                     **tid("volume-path-input"))
+        v.VBtn("Load path", click=self.load_path, size="small", **tid("load-path-button"))
+        html.Div("Volume: {{ volume_name }}", **tid("volume-name"))
+        v.VDivider(classes="my-2")
+        html.Div("Segmentation", classes="text-subtitle-2")
+        self._select("model", "model_options", "model-select")
+        v.VBtn("Build tiny demo model", click=self.build_demo_model, size="small", **tid("build-tiny-model-button"))
+        v.VTextField(v_model=("model_path",), label="Model package path", density="compact", hide_details=True,
+                     **tid("model-path-input"))
+        v.VBtn("Add model", click=self.add_model_path, size="small", **tid("add-model-button"))
+        with html.Select(v_model=("device",), **tid("device-select"), style="background:#333;color:#fff"):
+            html.Option("{{ d }}", v_for="d in devices", key="d", value=("d",))
+        with html.Div(classes="d-flex ga-2 my-1"):
+            v.VBtn("Run", click=self.run_segmentation, disabled=("seg_running",), color="primary", size="small",
+                   **tid("run-button"))
+            v.VBtn("Cancel", click=self.cancel_segmentation, disabled=("!seg_running",), size="small",
+                   **tid("cancel-button"))
+        v.VProgressLinear(model_value=("seg_progress",), height=8, **tid("progress-bar"))
+        html.Div("{{ seg_progress }} %  {{ seg_status }}", **tid("progress-text"), classes="text-caption")
+        with html.Div(**tid("segment-list")):
+            with html.Div(v_for="s in segments", key="s.id", __properties=TESTID + [("data_name", "data-segment-name"),
+                                                                                    ("data_color", "data-segment-color")],
+                          data_testid="segment-item", data_name=("s.name",), data_color=("s.color",),
+                          click=(self.select_segment, "[s.id]"), style="cursor:pointer"):
+                html.Span(style=("`display:inline-block;width:12px;height:12px;background:${s.color}`",))
+                html.Span(" {{ s.name }}")
+        with html.Div(classes="d-flex ga-1 my-1"):
+            v.VBtn("Paint", click=(self.set_editor_effect, "['paint']"), size="x-small", **tid("editor-paint-button"))
+            v.VBtn("Erase", click=(self.set_editor_effect, "['erase']"), size="x-small", **tid("editor-erase-button"))
+            v.VBtn("Off", click=(self.set_editor_effect, "['none']"), size="x-small", **tid("editor-off-button"))
+        v.VBtn("Add to training set", click=self.add_to_training_set, size="small",
+               **tid("add-to-training-set-button"))
+        html.Div("Training set: {{ training_set_count }} cases", **tid("training-set-count"))
+        v.VTextField(v_model=("finetune_steps",), type="number", label="Fine-tune steps", density="compact",
+                     hide_details=True, **tid("finetune-steps-input"))
+        v.VBtn("Fine-tune", click=self.finetune, size="small", **tid("finetune-button"))
+        with html.Table(**tid("versions-table"), classes="text-caption"):
+            with html.Tr(v_for="m in versions", key="m.path", __properties=TESTID, data_testid="version-row"):
+                html.Td("{{ m.name }} v{{ m.version }}")
+                html.Td("{{ m.dice === null ? '' : 'Dice ' + m.dice.toFixed(3) }}")
+        v.VBtn("Compare versions", click=self.compare_versions, size="small", **tid("compare-versions-button"))
+
+    def _pretrain_panel(self) -> None:
+        self._select("pretrain_run", "pretrain_runs", "pretrain-run-select")
+        v.VTextField(v_model=("pretrain_steps",), type="number", label="Steps", density="compact", hide_details=True,
+                     **tid("pretrain-steps-input"))
+        with html.Div(classes="d-flex ga-1 my-1"):
+            v.VBtn("Start", click=self.start_pretraining, size="small", **tid("pretrain-start-button"))
+            v.VBtn("Stop", click=self.stop_pretraining, size="small", **tid("pretrain-stop-button"))
+            v.VBtn("Resume", click=self.resume_pretraining, size="small", **tid("pretrain-resume-button"))
+        html.Div("{{ pretrain_state }}", **tid("pretrain-state"))
+        html.Div(v_html=("loss_svg",))
+        with html.Div(classes="d-flex ga-1 my-1"):
+            v.VBtn("Crop layout", click=self.show_crop_layout, size="small", **tid("crop-layout-button"))
+            v.VBtn("Positions", click=self.show_positions, size="small", **tid("positions-button"))
+        v.VSwitch(v_model=("heatmap_visible",), label="Heatmap", density="compact", hide_details=True,
+                  **tid("heatmap-toggle"))
+        with html.Table(**tid("positions-table"), classes="text-caption"):
+            with html.Tr(v_for="(row, i) in positions", key="i", __properties=TESTID, data_testid="positions-row"):
+                html.Td("{{ value }}", v_for="(value, k) in row", key="k")
+
+    def _jobs_table(self) -> None:
+        html.Div("Jobs", classes="text-subtitle-2 pa-2")
+        with html.Table(**tid("jobs-table"), classes="text-caption pa-2"):
+            with html.Tr(v_for="j in jobs", key="j.id",
+                         __properties=TESTID + [("data_kind", "data-job-kind"), ("data_state", "data-job-state")],
+                         data_testid="job-row", data_kind=("j.kind",), data_state=("j.state",)):
+                html.Td("{{ j.id }}")
+                html.Td("{{ j.state }}")
+                html.Td("{{ j.progress === null ? '' : j.progress + ' %' }}")
+                html.Td("{{ j.status }}")

@@ -7,11 +7,9 @@ The work is done by ``VoCoSegmentationLib`` (Qt-free, tested on slicer-core); th
 only connect the GUI, the parameter node and that logic.
 """
 
-import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated

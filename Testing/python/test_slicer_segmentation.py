@@ -25,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "VoCoSegmentation"))
 
-from conftest import run_voco  # noqa: E402
 from test_segment import dice, oblique_affine, rotation, sphere_image, sphere_mask  # noqa: E402
 from voco.models.segmentation import build_segmentation_network  # noqa: E402
 from voco.registry.package import Label, ModelCard, Preprocessing, write_package  # noqa: E402

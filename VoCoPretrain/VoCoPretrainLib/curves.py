@@ -39,8 +39,6 @@ class TrainingCurves:
     """A loss table, a validation table and a chart with one series per column, for one run."""
 
     def __init__(self, name: str = "VoCo"):
-        from vtkmodules.vtkCommonCore import vtkDoubleArray  # noqa: F401  (checked once, used below)
-
         scene = slicer.mrmlScene
         self.name = name
         self.loss_table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} losses")

@@ -197,6 +197,7 @@ class StudioApp(TrameApp):
         nodes = self.slicer_app.io_manager.load_volumes([str(path)])
         if not nodes:
             raise ValueError(f"could not read a volume from {path}")
+        nodes[0].SetName(name or Path(path).name.split(".")[0])  # "x.nii.gz" would confuse the engine's file type
         self._show_volume(nodes[0], name or Path(path).name)
         return nodes[0]
 
@@ -223,6 +224,19 @@ class StudioApp(TrameApp):
     def _on_layout(self, layout, **_):
         self.layout_manager.set_layout(layout)
         self._fix_threed_views()
+
+    @staticmethod
+    def _cb(method):
+        """A page callback: trame sends a trigger's return value back to the page, so return nothing."""
+
+        def callback(*args):
+            method(*args)
+
+        return callback
+
+    def render_views(self) -> None:
+        for view in self.slicer_app.view_manager.get_views():
+            view.schedule_render()
 
     def _guarded(self, action):
         try:
@@ -291,6 +305,9 @@ class StudioApp(TrameApp):
         node.CreateClosedSurfaceRepresentation()
         self.slicer_app.segmentation_editor.set_active_segmentation(node, self.volume_node)
         self._publish_segments()
+        self.state.seg_progress = 100
+        self.state.seg_status = job.status
+        self.render_views()
         self.state.status_text = f"Segmentation done: {len(self.state.segments)} segments"
 
     def _publish_segments(self) -> None:
@@ -380,6 +397,7 @@ class StudioApp(TrameApp):
             for view in self.slicer_app.view_manager.get_slice_views():
                 view.logic.GetSliceCompositeNode().SetForegroundOpacity(0.4)
             self._fix_threed_views()
+            self.render_views()
             self.state.status_text = f"Crop layout: {len(nodes.bases)} bases, {len(nodes.targets)} targets"
             return nodes
 
@@ -395,6 +413,7 @@ class StudioApp(TrameApp):
             self._positions_heatmap = nodes.heatmap
             if self.state.heatmap_visible:
                 self.slicer_app.display_manager.show_volume_in_slice_foreground(nodes.heatmap)
+            self.render_views()
             columns = table_columns(nodes.table)
             n = len(next(iter(columns.values()), []))
             self.state.positions = [{k: (round(v[i], 3) if isinstance(v[i], float) else v[i]) for k, v in columns.items()}
@@ -529,26 +548,26 @@ class StudioApp(TrameApp):
         html.Div("Volume", classes="text-subtitle-2")
         with html.Select(v_model=("sample",), **tid("sample-select"), style="background:#333;color:#fff"):
             html.Option("{{ s }}", v_for="s in samples", key="s", value=("s",))
-        v.VBtn("Load sample", click=self.load_sample, size="small", **tid("load-sample-button"))
+        v.VBtn("Load sample", click=self._cb(self.load_sample), size="small", **tid("load-sample-button"))
         v.VFileInput(v_model=("upload_files",), label="Upload NIfTI / NRRD", density="compact",
                      hide_details=True, **tid("volume-upload"))
         v.VTextField(v_model=("volume_path",), label="Server path", density="compact", hide_details=True,
                      **tid("volume-path-input"))
-        v.VBtn("Load path", click=self.load_path, size="small", **tid("load-path-button"))
+        v.VBtn("Load path", click=self._cb(self.load_path), size="small", **tid("load-path-button"))
         html.Div("Volume: {{ volume_name }}", **tid("volume-name"))
         v.VDivider(classes="my-2")
         html.Div("Segmentation", classes="text-subtitle-2")
         self._select("model", "model_options", "model-select")
-        v.VBtn("Build tiny demo model", click=self.build_demo_model, size="small", **tid("build-tiny-model-button"))
+        v.VBtn("Build tiny demo model", click=self._cb(self.build_demo_model), size="small", **tid("build-tiny-model-button"))
         v.VTextField(v_model=("model_path",), label="Model package path", density="compact", hide_details=True,
                      **tid("model-path-input"))
-        v.VBtn("Add model", click=self.add_model_path, size="small", **tid("add-model-button"))
+        v.VBtn("Add model", click=self._cb(self.add_model_path), size="small", **tid("add-model-button"))
         with html.Select(v_model=("device",), **tid("device-select"), style="background:#333;color:#fff"):
             html.Option("{{ d }}", v_for="d in devices", key="d", value=("d",))
         with html.Div(classes="d-flex ga-2 my-1"):
-            v.VBtn("Run", click=self.run_segmentation, disabled=("seg_running",), color="primary", size="small",
+            v.VBtn("Run", click=self._cb(self.run_segmentation), disabled=("seg_running",), color="primary", size="small",
                    **tid("run-button"))
-            v.VBtn("Cancel", click=self.cancel_segmentation, disabled=("!seg_running",), size="small",
+            v.VBtn("Cancel", click=self._cb(self.cancel_segmentation), disabled=("!seg_running",), size="small",
                    **tid("cancel-button"))
         v.VProgressLinear(model_value=("seg_progress",), height=8, **tid("progress-bar"))
         html.Div("{{ seg_progress }} %  {{ seg_status }}", **tid("progress-text"), classes="text-caption")
@@ -556,38 +575,38 @@ class StudioApp(TrameApp):
             with html.Div(v_for="s in segments", key="s.id", __properties=TESTID + [("data_name", "data-segment-name"),
                                                                                     ("data_color", "data-segment-color")],
                           data_testid="segment-item", data_name=("s.name",), data_color=("s.color",),
-                          click=(self.select_segment, "[s.id]"), style="cursor:pointer"):
+                          click=(self._cb(self.select_segment), "[s.id]"), style="cursor:pointer"):
                 html.Span(style=("`display:inline-block;width:12px;height:12px;background:${s.color}`",))
                 html.Span(" {{ s.name }}")
         with html.Div(classes="d-flex ga-1 my-1"):
-            v.VBtn("Paint", click=(self.set_editor_effect, "['paint']"), size="x-small", **tid("editor-paint-button"))
-            v.VBtn("Erase", click=(self.set_editor_effect, "['erase']"), size="x-small", **tid("editor-erase-button"))
-            v.VBtn("Off", click=(self.set_editor_effect, "['none']"), size="x-small", **tid("editor-off-button"))
-        v.VBtn("Add to training set", click=self.add_to_training_set, size="small",
+            v.VBtn("Paint", click=(self._cb(self.set_editor_effect), "['paint']"), size="x-small", **tid("editor-paint-button"))
+            v.VBtn("Erase", click=(self._cb(self.set_editor_effect), "['erase']"), size="x-small", **tid("editor-erase-button"))
+            v.VBtn("Off", click=(self._cb(self.set_editor_effect), "['none']"), size="x-small", **tid("editor-off-button"))
+        v.VBtn("Add to training set", click=self._cb(self.add_to_training_set), size="small",
                **tid("add-to-training-set-button"))
         html.Div("Training set: {{ training_set_count }} cases", **tid("training-set-count"))
         v.VTextField(v_model=("finetune_steps",), type="number", label="Fine-tune steps", density="compact",
                      hide_details=True, **tid("finetune-steps-input"))
-        v.VBtn("Fine-tune", click=self.finetune, size="small", **tid("finetune-button"))
+        v.VBtn("Fine-tune", click=self._cb(self.finetune), size="small", **tid("finetune-button"))
         with html.Table(**tid("versions-table"), classes="text-caption"):
             with html.Tr(v_for="m in versions", key="m.path", __properties=TESTID, data_testid="version-row"):
                 html.Td("{{ m.name }} v{{ m.version }}")
                 html.Td("{{ m.dice === null ? '' : 'Dice ' + m.dice.toFixed(3) }}")
-        v.VBtn("Compare versions", click=self.compare_versions, size="small", **tid("compare-versions-button"))
+        v.VBtn("Compare versions", click=self._cb(self.compare_versions), size="small", **tid("compare-versions-button"))
 
     def _pretrain_panel(self) -> None:
         self._select("pretrain_run", "pretrain_runs", "pretrain-run-select")
         v.VTextField(v_model=("pretrain_steps",), type="number", label="Steps", density="compact", hide_details=True,
                      **tid("pretrain-steps-input"))
         with html.Div(classes="d-flex ga-1 my-1"):
-            v.VBtn("Start", click=self.start_pretraining, size="small", **tid("pretrain-start-button"))
-            v.VBtn("Stop", click=self.stop_pretraining, size="small", **tid("pretrain-stop-button"))
-            v.VBtn("Resume", click=self.resume_pretraining, size="small", **tid("pretrain-resume-button"))
+            v.VBtn("Start", click=self._cb(self.start_pretraining), size="small", **tid("pretrain-start-button"))
+            v.VBtn("Stop", click=self._cb(self.stop_pretraining), size="small", **tid("pretrain-stop-button"))
+            v.VBtn("Resume", click=self._cb(self.resume_pretraining), size="small", **tid("pretrain-resume-button"))
         html.Div("{{ pretrain_state }}", **tid("pretrain-state"))
         html.Div(v_html=("loss_svg",))
         with html.Div(classes="d-flex ga-1 my-1"):
-            v.VBtn("Crop layout", click=self.show_crop_layout, size="small", **tid("crop-layout-button"))
-            v.VBtn("Positions", click=self.show_positions, size="small", **tid("positions-button"))
+            v.VBtn("Crop layout", click=self._cb(self.show_crop_layout), size="small", **tid("crop-layout-button"))
+            v.VBtn("Positions", click=self._cb(self.show_positions), size="small", **tid("positions-button"))
         v.VSwitch(v_model=("heatmap_visible",), label="Heatmap", density="compact", hide_details=True,
                   **tid("heatmap-toggle"))
         with html.Table(**tid("positions-table"), classes="text-caption"):

@@ -145,15 +145,17 @@ class TrainingCurves:
 
 def read_jsonl(path) -> list[dict]:
     """The JSON objects of a JSON-lines file; a half-written or broken line is skipped."""
-    records = []
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
-        return records
+        return []
+    return json_records(text)
+
+
+def json_records(text: str) -> list[dict]:
+    """The JSON objects of a JSON-lines text; blank, partial or non-object lines are skipped."""
+    records = []
     for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .curves import read_jsonl
+from .curves import json_records, read_jsonl
 
 RUNNING, STOPPED, DONE, FAILED = "running", "stopped", "done", "failed"
 PRETRAIN, FINETUNE = "pretrain", "finetune"
@@ -329,15 +329,7 @@ class Runs:
             return []
         end = chunk.rfind(b"\n") + 1
         self._offsets[str(run_dir)] = offset + end
-        events = []
-        for line in chunk[:end].decode("utf-8", errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(event, dict):
-                events.append(event)
-        return events
+        return json_records(chunk[:end].decode("utf-8", errors="replace"))
 
     def rewind(self, run) -> None:
         """Make the next ``new_events`` start from the beginning of the file again."""

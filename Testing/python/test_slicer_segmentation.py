@@ -504,3 +504,19 @@ def test_runner_cancel_kills_the_whole_process_group(fake_engine):
     assert runner.returncode == -signal.SIGTERM
     assert [e["event"] for e in runner.poll()][-2:] == ["cancelled", "exit"]
     assert living_in_group(runner.pid) == [] and child not in living_in_group(child)
+
+
+def test_training_set_keeps_the_label_values_a_result_tagged_its_segments_with(mrml, tmp_path):
+    from VoCoSegmentationLib import TrainingSet
+    from VoCoSegmentationLib.results import LABEL_VALUE_TAG
+
+    volume, segmentation, _, mask, box = corrected_case((16, 16, 12), 1)
+    segments = segmentation.GetSegmentation()
+    segments.GetSegment("a").SetTag(LABEL_VALUE_TAG, "3")  # as segmentation_from_output tags them
+    segments.GetSegment("b").SetTag(LABEL_VALUE_TAG, "7")
+    store = TrainingSet(tmp_path / "cases")
+    case = store.add(volume, segmentation)
+    dataset = json.loads((tmp_path / "cases" / "dataset.json").read_text())
+    assert dataset["labels"] == {"0": "background", "3": "liver", "7": "spleen"}
+    labels, _ = nrrd.read(str(tmp_path / "cases" / "labelsTr" / f"{case}.nrrd"), index_order="F")
+    np.testing.assert_array_equal(labels == 7, box.astype(bool))

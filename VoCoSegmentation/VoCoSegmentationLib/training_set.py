@@ -20,6 +20,8 @@ import os
 import re
 from pathlib import Path
 
+import vtk
+
 from .volumes import check_scalar_volume, fsync_file, ijk_to_ras, label_array_from_segmentation, write_nrrd
 
 DATASET_JSON = "dataset.json"
@@ -114,7 +116,9 @@ class TrainingSet:
                 raise ValueError(f"no segment {segment_id!r} in '{segmentation_node.GetName()}'")
             name = segment.GetName()
             if name not in by_name:
-                tagged = segment.GetTag(LABEL_VALUE_TAG) if segment.HasTag(LABEL_VALUE_TAG) else ""
+                tagged = vtk.mutable("")  # vtkSegment::GetTag(tag, std::string& value)
+                segment.GetTag(LABEL_VALUE_TAG, tagged)
+                tagged = str(tagged)
                 value = int(tagged) if tagged.isdigit() and int(tagged) not in used else max(used | {0}) + 1
                 by_name[name] = value
                 used.add(value)

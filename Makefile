@@ -19,7 +19,10 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/voco demo --out $(DEMO_OUT)
 
+# The browser tests need Debian's chromium, VoCo Studio Mesa's EGL/OSMesa; the script installs them
+# where it may (root + apt-get).
 test: install
+	@sh Testing/e2e/install_system_packages.sh
 	$(PY) -m pytest -q
 
 bench: install

@@ -101,7 +101,7 @@ def start_server(name: str, command: list[str], timeout: float, env=None) -> Ser
 
 def browser_missing_reason() -> str | None:
     if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        return (f"no browser at {CHROMIUM}: run Testing/e2e/install_browser.sh as root "
+        return (f"no browser at {CHROMIUM}: run Testing/e2e/install_system_packages.sh as root "
                 f"(apt-get install chromium); `make test` does this where it may")
     try:
         import playwright.sync_api  # noqa: F401

@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--data", nargs="+", default=[], help="volumes to offer; the first is loaded instead of the sample")
     p.add_argument("--workdir", help="models, training set, runs (default: a folder in the temp dir)")
+    p.add_argument("--check-rendering", action="store_true",
+                   help="render a test picture off screen, say what drew it (EGL/OSMesa, GPU or Mesa) and exit")
     for command in _leaf_parsers(sub):
         command.add_argument("--progress", choices=["jsonl", "human"], default="human",
                              help="jsonl: one JSON event per line on stdout (see README)")
@@ -239,6 +241,14 @@ def cmd_studio(args, reporter) -> int:
         import trame_slicer  # noqa: F401
     except ImportError:
         raise VocoInputError("voco studio needs trame-slicer: pip install -e '.[studio]'") from None
+    if args.check_rendering:
+        from voco_studio.headless import rendering_report
+
+        report = rendering_report()
+        reporter.emit("rendering", **report)
+        if not report["pixels_drawn"]:
+            raise VocoInputError(f"{report['window']} ({report['renderer']}) drew nothing: the views would stay black")
+        return 0
     from voco_studio import serve
 
     serve(host=args.host, port=args.port, data=args.data, workdir=args.workdir)

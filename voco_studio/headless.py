@@ -31,3 +31,40 @@ def disable_depth_peeling(render_window) -> int:
         renderer.SetUseDepthPeelingForVolumes(False)
         count += 1
     return count
+
+
+def rendering_report(size: int = 64) -> dict:
+    """Render a shaded sphere off screen the way the views do and say what drew it: the window
+    class (EGL / OSMesa / X), OpenGL vendor and renderer (llvmpipe = Mesa on the CPU; a GPU's name
+    on a GPU server) and how many pixels it coloured (0 = the views would stay black)."""
+    configure_offscreen_rendering()
+    import numpy as np
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+    from vtkmodules.vtkFiltersSources import vtkSphereSource
+    from vtkmodules.vtkRenderingCore import vtkActor, vtkPolyDataMapper, vtkRenderer, vtkRenderWindow, vtkWindowToImageFilter
+    import vtkmodules.vtkRenderingOpenGL2  # noqa: F401  (registers the OpenGL window classes)
+
+    mapper = vtkPolyDataMapper()
+    sphere = vtkSphereSource()
+    mapper.SetInputConnection(sphere.GetOutputPort())
+    actor = vtkActor()
+    actor.SetMapper(mapper)
+    renderer = vtkRenderer()
+    renderer.AddActor(actor)
+    window = vtkRenderWindow()
+    window.SetOffScreenRendering(True)
+    window.SetSize(size, size)
+    window.AddRenderer(renderer)
+    window.Render()
+    capture = vtkWindowToImageFilter()
+    capture.SetInput(window)
+    capture.Update()
+    pixels = vtk_to_numpy(capture.GetOutput().GetPointData().GetScalars())
+    capabilities = window.ReportCapabilities() or ""
+    info = {line.split(" string:", 1)[0].strip(): line.split(":", 1)[1].strip()
+            for line in capabilities.splitlines() if " string:" in line}
+    report = {"window": window.GetClassName(), "vendor": info.get("OpenGL vendor", "?"),
+              "renderer": info.get("OpenGL renderer", "?"), "version": info.get("OpenGL version", "?"),
+              "pixels_drawn": int(np.count_nonzero(pixels.reshape(len(pixels), -1).any(axis=1)))}
+    window.Finalize()
+    return report

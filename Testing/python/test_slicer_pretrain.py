@@ -114,6 +114,21 @@ def test_runs_report_failure_with_the_engines_message(tmp_path):
         runs.resume(run)
 
 
+def test_a_run_stopped_before_its_first_checkpoint_is_stopped_and_resumes_from_the_start(tmp_path, shipped):
+    runs = Runs(tmp_path)
+    run = runs.start_pretraining([shipped["spine-mri"]], preset="demo", backbone="swinunetr-tiny", steps=2,
+                                 name="early", batch_size=1, device="cpu")
+    assert runs.stop(run) is True  # while the engine still imports: SIGTERM ends it before any checkpoint
+    assert runs.wait(run, timeout=120) == STOPPED
+    info = runs.info(run)
+    assert info.checkpoint is None and info.resumable
+    runs.resume(run, steps=3)
+    assert runs.wait(run, timeout=300) == DONE
+    job = json.loads((Path(run) / "job.json").read_text())
+    assert "--resume" not in job["command"] and job["command"][job["command"].index("--steps") + 1] == "3"
+    assert runs.info(run).step == 3
+
+
 class FakeRunner:
     """A runner that follows ProcessProtocol without a process: replays events, then exits."""
 

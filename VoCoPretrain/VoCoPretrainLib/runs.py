@@ -10,8 +10,9 @@ fine-tuning) plus two of ours:
 
 The state is decided from those files alone, so a new ``Runs`` on the same workspace (the module
 closed and reopened) sees what an earlier one started: ``running`` (the PID is alive),
-``done`` (the last attempt reported ``done``), ``stopped`` (no process, a checkpoint to resume
-from), ``failed`` (the last attempt reported an error, or ended with nothing to resume).
+``done`` (the last attempt reported ``done``), ``stopped`` (no process, and a checkpoint to resume
+from or a stop asked for with ``stop``), ``failed`` (the last attempt reported an error, or ended
+with nothing to resume). A run stopped before its first checkpoint resumes from the start.
 
 The engine is started through an injectable runner factory (``args -> ProcessProtocol``; by
 default VoCoSegmentationLib's ``EngineProcess``, a new process group per run); a daemon thread
@@ -45,6 +46,7 @@ PRETRAIN, FINETUNE = "pretrain", "finetune"
 JOB_FILE, EVENTS_FILE = "job.json", "events.jsonl"
 CHECKPOINTS = {PRETRAIN: "checkpoint.pt", FINETUNE: "last.pt"}
 LAUNCH_EVENT = "launch"
+STOP_EVENT = "stop_requested"  # ours, written by stop(): the user ended the attempt, whatever the engine says
 
 
 def default_workspace() -> Path:
@@ -75,8 +77,8 @@ class RunInfo:
 
     @property
     def resumable(self) -> bool:
-        """Not running and a checkpoint to continue from (enable the Resume button on this)."""
-        return self.state != RUNNING and self.checkpoint is not None
+        """Stopped, or ended with a checkpoint to continue from (enable the Resume button on this)."""
+        return self.state == STOPPED or (self.state != RUNNING and self.checkpoint is not None)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "resumable": self.resumable}
@@ -224,9 +226,13 @@ class Runs:
         info = self.info(run_dir)
         if info.state == RUNNING:
             raise RuntimeError(f"run {info.name} is still running")
-        if info.checkpoint is None:
+        if info.checkpoint is not None:
+            args = [info.kind, "--out", str(run_dir), "--resume"] + _options(steps=steps, device=device)
+        elif info.state == STOPPED:  # stopped before its first checkpoint: the first command again
+            first = next(e for e in read_jsonl(run_dir / EVENTS_FILE) if e.get("event") == LAUNCH_EVENT)
+            args = _with_options(first["args"], steps=steps, device=device)
+        else:
             raise RuntimeError(f"run {info.name} has no checkpoint to resume from")
-        args = [info.kind, "--out", str(run_dir), "--resume"] + _options(steps=steps, device=device)
         return self._launch(run_dir, info.kind, args)
 
     def _launch(self, run_dir: Path, kind: str, args: list[str]) -> Path:
@@ -252,6 +258,9 @@ class Runs:
         live = _LIVE.get(str(run_dir))
         job = read_job(run_dir)
         pid = job.get("pid")
+        if self._alive(run_dir, job):
+            with open(run_dir / EVENTS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"event": STOP_EVENT, "time": round(time.time(), 3)}) + "\n")
         if sys.platform != "win32" and pid and self._alive(run_dir, job):
             try:
                 os.killpg(pid, signal.SIGTERM)     # runners start the engine as a group leader
@@ -355,6 +364,8 @@ class Runs:
         kinds = [e.get("event") for e in attempt]
         if "done" in kinds:
             return DONE
+        if STOP_EVENT in kinds:
+            return STOPPED
         if "error" in kinds and not any(k in ("stopped", "cancelled") for k in kinds):
             return FAILED
         return STOPPED if has_checkpoint else FAILED
@@ -365,4 +376,18 @@ def _options(**values) -> list[str]:
     for key, value in values.items():
         if value is not None:
             args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def _with_options(args: Sequence[str], **values) -> list[str]:
+    """``args`` with each given option's value replaced (or added)."""
+    args = list(args)
+    for key, value in values.items():
+        flag = f"--{key.replace('_', '-')}"
+        if value is None:
+            continue
+        if flag in args:
+            args[args.index(flag) + 1] = str(value)
+        else:
+            args += [flag, str(value)]
     return args

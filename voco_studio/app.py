@@ -17,6 +17,8 @@ import traceback
 import types
 from pathlib import Path
 
+import numpy as np
+
 from .headless import configure_offscreen_rendering, disable_depth_peeling
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +30,7 @@ configure_offscreen_rendering()
 
 import slicer  # noqa: E402
 from trame.app import TrameApp  # noqa: E402
+from trame.app.file_upload import ClientFile  # noqa: E402
 from trame.decorators import change  # noqa: E402
 from trame.ui.vuetify3 import SinglePageWithDrawerLayout  # noqa: E402
 from trame.widgets import html  # noqa: E402
@@ -40,14 +43,14 @@ from trame_slicer.segmentation import (  # noqa: E402
     SegmentationEffectNoTool,
     SegmentationEffectPaint,
 )
-from trame_slicer.utils import write_client_files_to_dir  # noqa: E402
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
 from VoCoPretrainLib.logic import PretrainLogic  # noqa: E402
 from VoCoSegmentationLib.logic import SegmentationLogic  # noqa: E402
 from VoCoSegmentationLib.training_set import TrainingSet  # noqa: E402
 
 from .chart import loss_chart_svg, table_columns  # noqa: E402
-from .demo_model import build_tiny_model  # noqa: E402
+from . import demo_model  # noqa: E402
+from .demo_model import demo_dataset  # noqa: E402
 
 POLL_S = 0.5
 SAMPLES = ["mni152-t1", "spine-ct"]
@@ -83,11 +86,12 @@ def install_slicer_globals(slicer_app: SlicerApp) -> None:
 
 
 def _marker_ui(name: str, default_ui):
-    """A view's overlay UI plus an invisible marker carrying the view's test id."""
+    """A view's overlay UI plus a transparent layer over the whole view carrying its test id (trame-slicer's
+    view container takes no attributes); the layer's parent holds the view's image."""
 
     def populate(server, view_id, slicer_view):
         default_ui(server, view_id, slicer_view)
-        html.Div(**tid(name), style="position:absolute;top:0;left:0;width:1px;height:1px;pointer-events:none")
+        html.Div(**tid(name), style="position:absolute;inset:0;pointer-events:none")
 
     return populate
 
@@ -107,7 +111,7 @@ class StudioApp(TrameApp):
         self.layout_manager.register_layout_dict(layouts())
 
         self.segmentation_logic = SegmentationLogic(runs_folder=self.workdir / "finetune-runs")
-        self.pretrain_logic = PretrainLogic(workspace=self.workdir / "pretrain")
+        self.pretrain_logic = PretrainLogic(workspace=self.workdir / "runs")
         self.training_set = TrainingSet(self.workdir / "training-set")
         self.volume_node = None
         self.segmentation_node = None
@@ -115,11 +119,15 @@ class StudioApp(TrameApp):
         self.jobs: dict[str, dict] = {}      # job id -> {"kind", "job"}
         self.versions: list[dict] = []
         self._poll_task = None
+        self._segments_mtime = 0
+        self._demo_runs: set[str] = set()  # run folders of demo-model trainings not yet added to the models
+        self._runs: list[dict] = []         # the workspace's runs as job rows
 
         self._init_state()
         self._build_ui()
         self.layout_manager.set_layout(self.state.layout)
         self._fix_threed_views()
+        self._refresh_runs()  # runs an earlier session left in the workdir
         if load_default:
             if self.data_paths:
                 self.load_path(self.data_paths[0])
@@ -163,12 +171,14 @@ class StudioApp(TrameApp):
         s.model_options = []
         s.model = ""
         s.model_path = ""
-        s.devices = ["auto", "cpu"]
-        s.device = "cpu"
+        s.devices = [{"value": "auto", "title": "auto"}, {"value": "cpu", "title": "CPU"}]
+        s.device = "auto"
+        s.device_note = ""
         s.seg_running = False
         s.seg_progress = 0
         s.seg_status = ""
         s.segments = []
+        s.segmentation_name = ""
         s.editor_effect = "none"
         s.training_set_count = self.training_set.count
         s.finetune_steps = 20
@@ -180,6 +190,7 @@ class StudioApp(TrameApp):
         s.pretrain_state = "idle"
         s.loss_svg = loss_chart_svg({})
         s.positions = []
+        s.positions_columns = []
         s.heatmap_visible = True
 
     # --- volumes -------------------------------------------------------------------------------
@@ -188,6 +199,11 @@ class StudioApp(TrameApp):
         self.volume_node = node
         self.segmentation_node = None
         self.state.segments = []
+        self.state.segmentation_name = ""
+        for other in self.slicer_app.scene.GetNodesByClass("vtkMRMLScalarVolumeNode"):
+            rendering = self.slicer_app.volume_rendering.get_vr_display_node(other)
+            if other is not node and rendering is not None:  # one volume rendered in 3D, as in Slicer
+                rendering.SetVisibility(False)
         self.slicer_app.display_manager.show_volume(node, vr_preset="MR-Default", do_reset_views=True)
         self._fix_threed_views()
         self.state.volume_name = node.GetName()
@@ -215,10 +231,12 @@ class StudioApp(TrameApp):
     def _on_upload(self, upload_files, **_):
         if not upload_files:
             return
-        files = upload_files if isinstance(upload_files, list) else [upload_files]
-        folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self.workdir))
-        paths = write_client_files_to_dir(files, folder)
-        self._guarded(lambda: self.load_file(paths[0]))
+        upload = ClientFile(upload_files[0] if isinstance(upload_files, list) else upload_files)
+        self.state.upload_files = None  # the same file can be chosen again
+        # Only the base name: a client-chosen "../x" must not leave the upload folder.
+        path = Path(tempfile.mkdtemp(prefix="upload-", dir=self.workdir)) / Path(upload.name).name
+        path.write_bytes(upload.content)
+        self._guarded(lambda: self.load_file(path))
 
     @change("layout")
     def _on_layout(self, layout, **_):
@@ -248,22 +266,43 @@ class StudioApp(TrameApp):
 
     # --- segmentation workflow -----------------------------------------------------------------
 
-    def _add_model(self, spec: str, title: str) -> None:
+    def _add_model(self, spec: str, title: str, select: bool = True) -> None:
         self.models[spec] = spec
         options = [o for o in self.state.model_options if o["value"] != spec] + [{"value": spec, "title": title}]
         self.state.model_options = options
-        self.state.model = spec
+        if select:
+            self.state.model = spec
 
-    def build_demo_model(self):
-        def build():
-            folder = build_tiny_model(self.workdir / "models")
-            self._add_model(str(folder), "studio-demo v1 (tiny, random weights)")
-            self.versions.append({"name": "studio-demo", "version": "1", "path": str(folder), "dice": None})
+    def train_demo_model(self):
+        """A background fine-tuning run (VoCoPretrainLib's, as in Slicer) that makes the demo model."""
+
+        def start():
+            dataset = demo_dataset(self.workdir / "brain-tissue")
+            run_dir = self.pretrain_logic.start_finetuning(
+                dataset, name=demo_model.NAME, model_name=demo_model.NAME, backbone="swinunetr-tiny",
+                steps=demo_model.STEPS, val_every=demo_model.STEPS, checkpoint_every=demo_model.STEPS,
+                device=self.state.device, extra_args=demo_model.EXTRA_ARGS)
+            self._demo_runs.add(str(run_dir))
+            self.state.status_text = "Training the demo model"
+            self._refresh_runs()
+            return run_dir
+
+        return self._guarded(start)
+
+    def _finish_demo_runs(self, runs) -> None:
+        for run in runs:
+            if run.path not in self._demo_runs or run.state == "running":
+                continue
+            self._demo_runs.discard(run.path)
+            if run.state != "done":
+                self.state.status_text = f"Error: the demo model's training {run.state}: {run.message}"
+                continue
+            package = str(Path(run.path) / "model")
+            dice = f" (Dice {run.best_dice:.3f})" if run.best_dice is not None else ""
+            self._add_model(package, f"{demo_model.NAME} v1{dice}")
+            self.versions.append({"name": demo_model.NAME, "version": "1", "path": package, "dice": run.best_dice})
             self.state.versions = list(self.versions)
-            self.state.status_text = "Built tiny demo model"
-            return folder
-
-        return self._guarded(build)
+            self.state.status_text = f"Demo model ready{dice}"
 
     def add_model_path(self):
         path = self.state.model_path.strip()
@@ -275,7 +314,7 @@ class StudioApp(TrameApp):
             if self.volume_node is None:
                 raise ValueError("load a volume first")
             if not self.state.model:
-                raise ValueError("pick a model (or build the tiny demo model)")
+                raise ValueError("pick a model (or train the demo model)")
             job = self.segmentation_logic.segment(self.volume_node, self.state.model, device=self.state.device)
             job_id = self._add_job("segment", job)
             self.state.seg_running = True
@@ -294,16 +333,30 @@ class StudioApp(TrameApp):
         self.state.status_text = "Cancelled"
         self._publish_jobs()
 
+    def _model_title(self, spec: str) -> str:
+        version = next((v for v in self.versions if v["path"] == spec), None)
+        return f"{version['name']} v{version['version']}" if version else Path(spec).name
+
     def _finish_segmentation(self, job) -> None:
         try:
-            node = self.segmentation_logic.finish(job, name=f"{self.volume_node.GetName()} segmentation")
+            node = self.segmentation_logic.finish(
+                job, name=f"{job.volume_node.GetName()} segmentation ({self._model_title(job.model)})")
         except Exception as exc:
             self.state.status_text = f"Error: {exc}"
             return
+        if self.segmentation_node is not None and self.segmentation_node.GetDisplayNode() is not None:
+            # The previous result stays for comparison, drawn as outlines under the new one's fill.
+            self.segmentation_node.GetDisplayNode().SetVisibility2DFill(False)
+            self.segmentation_node.GetDisplayNode().SetVisibility3D(False)
         self.segmentation_node = node
         node.CreateDefaultDisplayNodes()
-        node.CreateClosedSurfaceRepresentation()
-        self.slicer_app.segmentation_editor.set_active_segmentation(node, self.volume_node)
+        # The volume rendering would hide the segments' surfaces in 3D (Slicer shows them alone too).
+        rendering = self.slicer_app.volume_rendering.get_vr_display_node(self.volume_node)
+        if rendering is not None:
+            rendering.SetVisibility(False)
+        # Surfaces in 3D, kept up to date through the editor's logic as the segment editor changes them.
+        self.slicer_app.segmentation_editor.set_active_segmentation(node, job.volume_node).enable_surface_representation()
+        self.state.segmentation_name = node.GetName()
         self._publish_segments()
         self.state.seg_progress = 100
         self.state.seg_status = job.status
@@ -311,14 +364,20 @@ class StudioApp(TrameApp):
         self.state.status_text = f"Segmentation done: {len(self.state.segments)} segments"
 
     def _publish_segments(self) -> None:
+        """Name, colour and voxel count of every segment; again whenever the segment editor changes one."""
         segments = []
-        if self.segmentation_node is not None:
-            segmentation = self.segmentation_node.GetSegmentation()
+        node = self.segmentation_node
+        if node is not None:
+            segmentation = node.GetSegmentation()
             for i in range(segmentation.GetNumberOfSegments()):
+                segment_id = segmentation.GetNthSegmentID(i)
                 segment = segmentation.GetNthSegment(i)
                 r, g, b = segment.GetColor()
-                segments.append({"id": segmentation.GetNthSegmentID(i), "name": segment.GetName(),
+                voxels = int(np.count_nonzero(
+                    slicer.util.arrayFromSegmentBinaryLabelmap(node, segment_id, self.volume_node)))
+                segments.append({"id": segment_id, "name": segment.GetName(), "voxels": voxels,
                                  "color": "#%02x%02x%02x" % (round(r * 255), round(g * 255), round(b * 255))})
+            self._segments_mtime = segmentation.GetMTime()
         self.state.segments = segments
 
     def set_editor_effect(self, effect: str):
@@ -363,6 +422,8 @@ class StudioApp(TrameApp):
         for version in self.versions[-2:]:
             job = self.segmentation_logic.segment(self.volume_node, version["path"], device=self.state.device)
             self._add_job("segment", job)
+        self.state.seg_running = True
+        self.state.status_text = f"Comparing {self.versions[-2]['version']} and {self.versions[-1]['version']}"
 
     # --- pretrain workflow ---------------------------------------------------------------------
 
@@ -370,8 +431,10 @@ class StudioApp(TrameApp):
         def start():
             if self.volume_node is None:
                 raise ValueError("load a volume first")
-            run_dir = self.pretrain_logic.start_pretraining([self.volume_node], preset="demo",
-                                                            steps=int(self.state.pretrain_steps), device="cpu")
+            # The demo preset's 32-voxel crops need the tiny backbone (the B backbone needs 64).
+            run_dir = self.pretrain_logic.start_pretraining(
+                [self.volume_node], preset="demo", backbone="swinunetr-tiny", steps=int(self.state.pretrain_steps),
+                batch_size=2, checkpoint_every=5, device=self.state.device)
             self.state.pretrain_run = str(run_dir)
             self.pretrain_logic.curves_for(run_dir)
             self._refresh_runs()
@@ -394,8 +457,9 @@ class StudioApp(TrameApp):
         def crops():
             nodes = self.pretrain_logic.crop_layout(self.volume_node, self.workdir / "crops" / str(int(time.time())))
             self.slicer_app.display_manager.show_volume_in_slice_foreground(nodes.labelmap)
+            self._hide_segmentations()
             for view in self.slicer_app.view_manager.get_slice_views():
-                view.logic.GetSliceCompositeNode().SetForegroundOpacity(0.4)
+                view.set_foreground_opacity(0.4)
             self._fix_threed_views()
             self.render_views()
             self.state.status_text = f"Crop layout: {len(nodes.bases)} bases, {len(nodes.targets)} targets"
@@ -411,17 +475,25 @@ class StudioApp(TrameApp):
             nodes = self.pretrain_logic.position_predictions(self.volume_node, run,
                                                              self.workdir / "positions" / str(int(time.time())))
             self._positions_heatmap = nodes.heatmap
+            self._hide_segmentations()
             if self.state.heatmap_visible:
                 self.slicer_app.display_manager.show_volume_in_slice_foreground(nodes.heatmap)
             self.render_views()
             columns = table_columns(nodes.table)
             n = len(next(iter(columns.values()), []))
+            self.state.positions_columns = list(columns)
             self.state.positions = [{k: (round(v[i], 3) if isinstance(v[i], float) else v[i]) for k, v in columns.items()}
                                     for i in range(n)]
             self.state.status_text = f"Position predictions: {n} rows"
             return nodes
 
         return self._guarded(positions)
+
+    def _hide_segmentations(self) -> None:
+        """The pretraining overlays are drawn alone; a new segmentation run shows its result again."""
+        for node in self.slicer_app.scene.GetNodesByClass("vtkMRMLSegmentationNode"):
+            if node.GetDisplayNode() is not None:
+                node.GetDisplayNode().SetVisibility(False)
 
     @change("heatmap_visible")
     def _on_heatmap(self, heatmap_visible, **_):
@@ -431,9 +503,16 @@ class StudioApp(TrameApp):
 
     def _refresh_runs(self) -> None:
         runs = self.pretrain_logic.list_runs()
-        self.state.pretrain_runs = [{"value": r.path, "title": f"{r.name} ({r.state})"} for r in runs]
-        current = next((r for r in runs if r.path == self.state.pretrain_run), None)
-        self.state.pretrain_state = current.state if current else "idle"
+        self._finish_demo_runs(runs)
+        # One vocabulary on the page: a run that is "done" is "finished" like every other job.
+        states = {r.path: "finished" if r.state == "done" else r.state for r in runs}
+        self._runs = [{"id": r.name, "kind": r.kind, "state": states[r.path],
+                       "progress": round(100 * r.step / r.total) if r.total else None,
+                       "status": r.message if r.state == "failed" else ""} for r in runs]
+        self.state.pretrain_runs = [{"value": r.path, "title": f"{r.name} ({states[r.path]})"}
+                                    for r in runs if r.kind == "pretrain"]
+        self.state.pretrain_state = states.get(self.state.pretrain_run, "idle")
+        self._publish_jobs()
 
     @change("pretrain_run")
     def _on_pretrain_run(self, pretrain_run, **_):
@@ -462,10 +541,7 @@ class StudioApp(TrameApp):
                      else "finished" if job.succeeded else "failed")
             rows.append({"id": job_id, "kind": entry["kind"], "state": state,
                          "progress": round(100 * job.fraction), "status": job.error or job.status})
-        for run in self.state.pretrain_runs:
-            rows.append({"id": Path(run["value"]).name, "kind": "pretrain", "state": run["title"].rsplit("(", 1)[-1][:-1],
-                         "progress": None, "status": ""})
-        self.state.jobs = rows
+        self.state.jobs = rows + self._runs
 
     def poll_once(self) -> None:
         """Advance every job: engine events -> job state -> trame state (all tabs)."""
@@ -484,6 +560,8 @@ class StudioApp(TrameApp):
                         self.state.seg_running = any(not e["done"] for e in self.jobs.values() if e["kind"] == "segment")
                         if job.succeeded:
                             self._finish_segmentation(job)
+                        elif job.cancelled:
+                            self.state.status_text = "Cancelled"
                         else:
                             self.state.status_text = f"Error: {job.error or job.status}"
                     elif entry["kind"] == "finetune":
@@ -493,9 +571,12 @@ class StudioApp(TrameApp):
                                                   "path": job.model_path, "dice": job.best_dice})
                             self.state.versions = list(self.versions)
                         self.state.status_text = job.status if job.succeeded else f"Error: {job.error}"
-            if self.pretrain_logic.curves:
-                if self.pretrain_logic.update_curves():
-                    self._update_chart()
+            node = self.segmentation_node
+            if node is not None and node.GetSegmentation().GetMTime() != self._segments_mtime:
+                self._publish_segments()
+            if self.pretrain_logic.curves and self.pretrain_logic.update_curves():
+                self._update_chart()
+            if self.pretrain_logic.curves or self._demo_runs or any(r["state"] == "running" for r in self._runs):
                 self._refresh_runs()
             self._publish_jobs()
 
@@ -508,7 +589,26 @@ class StudioApp(TrameApp):
                     traceback.print_exc()
                 await asyncio.sleep(POLL_S)
 
-        self._poll_task = asyncio.get_event_loop().create_task(loop())
+        loop_ = asyncio.get_event_loop()
+        self._poll_task = loop_.create_task(loop())
+        loop_.create_task(self._discover(loop_))
+
+    async def _discover(self, loop) -> None:
+        """The engine's devices and installed segmentation models, asked once in the background
+        (each is an engine process, seconds), as the Slicer module fills its combo boxes."""
+        devices, note = await loop.run_in_executor(None, self.segmentation_logic.devices)
+        try:
+            models = await loop.run_in_executor(None, self.segmentation_logic.models)
+        except Exception as exc:  # the page works without the list; say why it is empty
+            models = []
+            self.state.status_text = f"Error: could not list the installed models: {exc}"
+        with self.state:
+            self.state.devices = [{"value": d.id, "title": d.title} for d in devices]
+            self.state.device_note = note or ""
+            for model in models:
+                if model.usable and model.installed and model.spec not in self.models:
+                    dice = f" (Dice {model.dice:.3f})" if model.dice is not None else ""
+                    self._add_model(model.spec, f"{model.name} v{model.version}{dice}", select=not self.state.model)
 
     # --- UI ------------------------------------------------------------------------------------
 
@@ -526,16 +626,16 @@ class StudioApp(TrameApp):
                 html.Span("{{ status_text }}", **tid("status-text"), style="margin:0 12px")
             with layout.drawer as drawer:
                 drawer.width = 380
-                html.Div(**tid("studio-root"), style="display:none")
-                with v.VTabs(v_model=("tab",), density="compact"):
-                    v.VTab("Segmentation", value="segmentation", **tid("tab-segmentation"))
-                    v.VTab("Pretrain", value="pretrain", **tid("tab-pretrain"))
-                with html.Div(v_show="tab === 'segmentation'", **tid("panel-segmentation"), classes="pa-2"):
-                    self._segmentation_panel()
-                with html.Div(v_show="tab === 'pretrain'", **tid("panel-pretrain"), classes="pa-2"):
-                    self._pretrain_panel()
-                v.VDivider()
-                self._jobs_table()
+                with html.Div(**tid("studio-root")):
+                    with v.VTabs(v_model=("tab",), density="compact"):
+                        v.VTab("Segmentation", value="segmentation", **tid("tab-segmentation"))
+                        v.VTab("Pretrain", value="pretrain", **tid("tab-pretrain"))
+                    with html.Div(v_show="tab === 'segmentation'", **tid("panel-segmentation"), classes="pa-2"):
+                        self._segmentation_panel()
+                    with html.Div(v_show="tab === 'pretrain'", **tid("panel-pretrain"), classes="pa-2"):
+                        self._pretrain_panel()
+                    v.VDivider()
+                    self._jobs_table()
             with layout.content:
                 with v.VContainer(fluid=True, classes="pa-0 fill-height"):
                     self.layout_manager.initialize_layout_grid(layout)
@@ -551,19 +651,19 @@ class StudioApp(TrameApp):
         v.VBtn("Load sample", click=self._cb(self.load_sample), size="small", **tid("load-sample-button"))
         v.VFileInput(v_model=("upload_files",), label="Upload NIfTI / NRRD", density="compact",
                      hide_details=True, **tid("volume-upload"))
-        v.VTextField(v_model=("volume_path",), label="Server path", density="compact", hide_details=True,
-                     **tid("volume-path-input"))
+        v.VCombobox(v_model=("volume_path",), items=("volume_paths",), label="Server path", density="compact",
+                    hide_details=True, **tid("volume-path-input"))
         v.VBtn("Load path", click=self._cb(self.load_path), size="small", **tid("load-path-button"))
         html.Div("Volume: {{ volume_name }}", **tid("volume-name"))
         v.VDivider(classes="my-2")
         html.Div("Segmentation", classes="text-subtitle-2")
         self._select("model", "model_options", "model-select")
-        v.VBtn("Build tiny demo model", click=self._cb(self.build_demo_model), size="small", **tid("build-tiny-model-button"))
+        v.VBtn("Train demo model", click=self._cb(self.train_demo_model), size="small", **tid("train-demo-model-button"))
         v.VTextField(v_model=("model_path",), label="Model package path", density="compact", hide_details=True,
                      **tid("model-path-input"))
         v.VBtn("Add model", click=self._cb(self.add_model_path), size="small", **tid("add-model-button"))
-        with html.Select(v_model=("device",), **tid("device-select"), style="background:#333;color:#fff"):
-            html.Option("{{ d }}", v_for="d in devices", key="d", value=("d",))
+        self._select("device", "devices", "device-select")
+        html.Div("{{ device_note }}", v_if="device_note", **tid("device-note"), classes="text-caption")
         with html.Div(classes="d-flex ga-2 my-1"):
             v.VBtn("Run", click=self._cb(self.run_segmentation), disabled=("seg_running",), color="primary", size="small",
                    **tid("run-button"))
@@ -571,13 +671,17 @@ class StudioApp(TrameApp):
                    **tid("cancel-button"))
         v.VProgressLinear(model_value=("seg_progress",), height=8, **tid("progress-bar"))
         html.Div("{{ seg_progress }} %  {{ seg_status }}", **tid("progress-text"), classes="text-caption")
+        html.Div("{{ segmentation_name }}", **tid("segmentation-name"), classes="text-caption")
         with html.Div(**tid("segment-list")):
-            with html.Div(v_for="s in segments", key="s.id", __properties=TESTID + [("data_name", "data-segment-name"),
-                                                                                    ("data_color", "data-segment-color")],
+            with html.Div(v_for="s in segments", key="s.id",
+                          __properties=TESTID + [("data_name", "data-segment-name"), ("data_color", "data-segment-color"),
+                                                 ("data_voxels", "data-segment-voxels")],
                           data_testid="segment-item", data_name=("s.name",), data_color=("s.color",),
+                          data_voxels=("s.voxels",),
                           click=(self._cb(self.select_segment), "[s.id]"), style="cursor:pointer"):
                 html.Span(style=("`display:inline-block;width:12px;height:12px;background:${s.color}`",))
                 html.Span(" {{ s.name }}")
+                html.Span(" ({{ s.voxels }} voxels)", classes="text-caption")
         with html.Div(classes="d-flex ga-1 my-1"):
             v.VBtn("Paint", click=(self._cb(self.set_editor_effect), "['paint']"), size="x-small", **tid("editor-paint-button"))
             v.VBtn("Erase", click=(self._cb(self.set_editor_effect), "['erase']"), size="x-small", **tid("editor-erase-button"))
@@ -610,6 +714,8 @@ class StudioApp(TrameApp):
         v.VSwitch(v_model=("heatmap_visible",), label="Heatmap", density="compact", hide_details=True,
                   **tid("heatmap-toggle"))
         with html.Table(**tid("positions-table"), classes="text-caption"):
+            with html.Tr(v_if="positions.length"):
+                html.Th("{{ k }}", v_for="k in positions_columns", key="k", classes="px-1")
             with html.Tr(v_for="(row, i) in positions", key="i", __properties=TESTID, data_testid="positions-row"):
                 html.Td("{{ value }}", v_for="(value, k) in row", key="k")
 

@@ -4,7 +4,9 @@ SlicerApp), driven through the same callbacks the page's buttons call. Skipped u
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,10 +45,17 @@ def test_the_shipped_sample_volume_is_in_the_scene_and_the_3d_view_has_no_depth_
     assert all(not renderers.GetItemAsObject(i).GetUseDepthPeeling() for i in range(renderers.GetNumberOfItems()))
 
 
-def test_a_segmentation_run_from_the_buttons_gives_a_named_coloured_segmentation_node(studio):
-    studio.build_demo_model()
-    assert studio.state.model.endswith("studio-demo")
+def test_the_demo_model_trains_in_the_background_and_segments_grey_and_white_matter(studio):
     studio.state.device = "cpu"
+    run_dir = studio.train_demo_model()
+    assert run_dir is not None, studio.state.status_text
+    rows = {row["id"]: row for row in studio.state.jobs}
+    assert rows[Path(run_dir).name]["kind"] == "finetune"
+    wait_for(studio, lambda: studio.state.status_text.startswith("Demo model ready"), timeout=900)
+    assert studio.state.model == str(Path(run_dir) / "model")
+    assert [v["version"] for v in studio.state.versions] == ["1"] and studio.state.versions[0]["dice"] > 0.5
+    assert studio.state.pretrain_runs == []  # a fine-tuning run is no pretraining run to pick
+
     job_id = studio.run_segmentation()
     assert job_id and studio.state.seg_running
     rows = {row["id"]: row for row in studio.state.jobs}
@@ -59,9 +68,17 @@ def test_a_segmentation_run_from_the_buttons_gives_a_named_coloured_segmentation
     assert rows[job_id]["progress"] == 100
     nodes = list(studio.slicer_app.scene.GetNodesByClass("vtkMRMLSegmentationNode"))
     assert nodes == [studio.segmentation_node]
-    assert [(s["name"], s["color"]) for s in studio.state.segments] == [("region A", "#dd8244"),
-                                                                       ("region B", "#3d9be9")]
+    assert [s["name"] for s in studio.state.segments] == ["grey matter", "white matter"]
+    assert all(re.fullmatch(r"#[0-9a-f]{6}", s["color"]) for s in studio.state.segments)
     assert studio.state.status_text == "Segmentation done: 2 segments"
+    assert all(s["voxels"] > 0 for s in studio.state.segments)
+    assert studio.state.segmentation_name == f"{studio.state.volume_name} segmentation (brain-tissue-demo v1)"
+    # grey and white matter of the MNI152 (about 0.7 and 0.5 litres at 1 mm) within a factor of two
+    voxels = {s["name"]: s["voxels"] for s in studio.state.segments}
+    assert 350_000 < voxels["grey matter"] < 1_400_000 and 250_000 < voxels["white matter"] < 1_000_000
+    # shown in 3D as surfaces, with the volume rendering out of their way
+    assert studio.segmentation_node.GetSegmentation().ContainsRepresentation("Closed surface")
+    assert not studio.slicer_app.volume_rendering.get_vr_display_node(studio.volume_node).GetVisibility()
 
 
 def test_a_cancelled_run_leaves_no_new_node_and_shows_cancelled(studio):
@@ -73,6 +90,7 @@ def test_a_cancelled_run_leaves_no_new_node_and_shows_cancelled(studio):
     assert not studio.state.seg_running
     studio.poll_once()
     assert studio.slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before
+    assert studio.state.status_text == "Cancelled"
 
 
 def test_the_loss_chart_has_one_path_per_loss_term():
@@ -82,3 +100,49 @@ def test_the_loss_chart_has_one_path_per_loss_term():
     assert svg.count('data-testid="loss-series"') == 2
     assert 'data-series="loss" data-points="2"' in svg and 'data-series="loss_pos" data-points="3"' in svg
     assert np.isfinite([float(c) for c in svg.split('d="M')[1].split('"')[0].replace("L", ",").split(",")]).all()
+
+
+@pytest.mark.parametrize("window, library", [("vtkEGLRenderWindow", "EGL"), ("vtkOSOpenGLRenderWindow", "OSMesa")])
+def test_views_render_headless_with_egl_and_with_osmesa(window, library):
+    """What `voco studio --check-rendering` says on a machine with no display: a GPU server's EGL
+    names its GPU; here it is Mesa's llvmpipe on the CPU."""
+    import ctypes.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if ctypes.util.find_library(library) is None:
+        pytest.skip(f"lib{library} is not installed (Testing/e2e/install_system_packages.sh installs it)")
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"} | {"VTK_DEFAULT_OPENGL_WINDOW": window}
+    run = subprocess.run([sys.executable, "-m", "voco", "studio", "--check-rendering", "--progress", "jsonl"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = next(e for e in map(json.loads, run.stdout.splitlines()) if e["event"] == "rendering")
+    assert report["window"] == window
+    assert report["pixels_drawn"] > 100 and report["renderer"] != "?"
+
+
+def test_devices_come_from_the_engine_in_the_background(studio):
+    import asyncio
+
+    status = studio.state.status_text
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(studio._discover(loop))
+    finally:
+        loop.close()
+    values = [d["value"] for d in studio.state.devices]
+    assert values[0] == "auto" and values[-1] == "cpu"
+    assert studio.state.status_text == status
+    assert "CPU-only build" in studio.state.device_note or any(v.startswith("cuda") for v in values)
+
+
+def test_the_crop_layout_is_drawn_over_the_volume_alone(studio):
+    nodes = studio.show_crop_layout()
+    assert nodes is not None, studio.state.status_text
+    assert studio.state.status_text == f"Crop layout: {len(nodes.bases)} bases, {len(nodes.targets)} targets"
+    for view in studio.slicer_app.view_manager.get_slice_views():
+        assert view.get_foreground_opacity() == pytest.approx(0.4)
+    segmentations = studio.slicer_app.scene.GetNodesByClass("vtkMRMLSegmentationNode")
+    assert all(not node.GetDisplayNode().GetVisibility() for node in segmentations)

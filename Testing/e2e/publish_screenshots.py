@@ -1,16 +1,18 @@
 """Copies the screenshots the browser tests marked for the README (Testing/e2e/artifacts/publish/
-studio_*.png, written by a passing run) to Resources/Screenshots/.
+studio_*.png, written by a passing run) to Resources/Screenshots/, 1000 px wide.
 
     .venv/bin/python -m pytest Testing/e2e && .venv/bin/python Testing/e2e/publish_screenshots.py
 """
 
-import shutil
 import sys
 from pathlib import Path
+
+from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "artifacts" / "publish"
 TARGET = HERE.parents[1] / "Resources" / "Screenshots"
+WIDTH = 1000
 
 
 def main() -> int:
@@ -20,7 +22,9 @@ def main() -> int:
         return 1
     TARGET.mkdir(parents=True, exist_ok=True)
     for shot in shots:
-        shutil.copyfile(shot, TARGET / shot.name)
+        with Image.open(shot) as image:  # README-sized: a 1400 px page at WIDTH px keeps the text legible
+            height = round(image.height * WIDTH / image.width)
+            image.convert("RGB").resize((WIDTH, height), Image.LANCZOS).quantize(256).save(TARGET / shot.name, optimize=True)
         print(TARGET / shot.name)
     return 0
 

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("studio", help="VoCo Studio: the Slicer workflows in a browser (needs the 'studio' extra)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--data", nargs="+", default=[], help="volumes to offer; the first is loaded instead of the sample")
+    p.add_argument("--data", nargs="+", default=[],
+                   help="volumes to offer (files, folders, dataset.json, list files); the first is loaded instead of the sample")
     p.add_argument("--workdir", help="models, training set, runs (default: a folder in the temp dir)")
     p.add_argument("--check-rendering", action="store_true",
                    help="render a test picture off screen, say what drew it (EGL/OSMesa, GPU or Mesa) and exit")
@@ -251,7 +252,11 @@ def cmd_studio(args, reporter) -> int:
         return 0
     from voco_studio import serve
 
-    serve(host=args.host, port=args.port, data=args.data, workdir=args.workdir)
+    from .data.sources import list_images
+
+    # Folders, dataset.json and list files become their images, and a bad path fails here, in one line.
+    data = [str(p) for p in list_images(args.data)] if args.data else []
+    serve(host=args.host, port=args.port, data=data, workdir=args.workdir)
     return 0
 
 

@@ -146,3 +146,15 @@ def test_the_crop_layout_is_drawn_over_the_volume_alone(studio):
         assert view.get_foreground_opacity() == pytest.approx(0.4)
     segmentations = studio.slicer_app.scene.GetNodesByClass("vtkMRMLSegmentationNode")
     assert all(not node.GetDisplayNode().GetVisibility() for node in segmentations)
+
+
+def test_a_missing_data_path_stops_the_start_with_one_line_naming_it(tmp_path):
+    import subprocess
+    import sys
+
+    missing = tmp_path / "missing.nii.gz"
+    run = subprocess.run([sys.executable, "-m", "voco", "studio", "--data", str(missing), "--port", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0] and lines[0].startswith("error:"), run.stderr

@@ -247,6 +247,12 @@ class StudioApp(TrameApp):
     def _cb(method):
         """A page callback: trame sends a trigger's return value back to the page, so return nothing."""
 
+        if asyncio.iscoroutinefunction(method):
+            async def awaited(*args):  # trame awaits it; the event loop serves other tabs meanwhile
+                await method(*args)
+
+            return awaited
+
         def callback(*args):
             method(*args)
 
@@ -273,13 +279,26 @@ class StudioApp(TrameApp):
         if select:
             self.state.model = spec
 
-    def train_demo_model(self):
+    async def train_demo_model_from_page(self):
+        """The button: the training data (about 3 s to write, once) are written off the event loop."""
+        try:
+            dataset = await asyncio.get_running_loop().run_in_executor(None, self._demo_dataset)
+        except Exception as exc:  # shown to the user, as tryWithErrorDisplay does in Slicer
+            traceback.print_exc()
+            self.state.status_text = f"Error: {exc}"
+            return
+        self.train_demo_model(dataset)
+
+    def _demo_dataset(self):
+        return demo_dataset(self.workdir / "brain-tissue")
+
+    def train_demo_model(self, dataset=None):
         """A background fine-tuning run (VoCoPretrainLib's, as in Slicer) that makes the demo model."""
 
         def start():
-            dataset = demo_dataset(self.workdir / "brain-tissue")
+            dataset_json = dataset or self._demo_dataset()
             run_dir = self.pretrain_logic.start_finetuning(
-                dataset, name=demo_model.NAME, model_name=demo_model.NAME, backbone="swinunetr-tiny",
+                dataset_json, name=demo_model.NAME, model_name=demo_model.NAME, backbone="swinunetr-tiny",
                 steps=demo_model.STEPS, val_every=demo_model.STEPS, checkpoint_every=demo_model.STEPS,
                 device=self.state.device, extra_args=demo_model.EXTRA_ARGS)
             self._demo_runs.add(str(run_dir))
@@ -658,7 +677,7 @@ class StudioApp(TrameApp):
         v.VDivider(classes="my-2")
         html.Div("Segmentation", classes="text-subtitle-2")
         self._select("model", "model_options", "model-select")
-        v.VBtn("Train demo model", click=self._cb(self.train_demo_model), size="small", **tid("train-demo-model-button"))
+        v.VBtn("Train demo model", click=self._cb(self.train_demo_model_from_page), size="small", **tid("train-demo-model-button"))
         v.VTextField(v_model=("model_path",), label="Model package path", density="compact", hide_details=True,
                      **tid("model-path-input"))
         v.VBtn("Add model", click=self._cb(self.add_model_path), size="small", **tid("add-model-button"))

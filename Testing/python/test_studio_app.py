@@ -158,3 +158,18 @@ def test_a_missing_data_path_stops_the_start_with_one_line_naming_it(tmp_path):
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and str(missing) in lines[0] and lines[0].startswith("error:"), run.stderr
+
+
+def test_page_callbacks_return_nothing_and_async_ones_stay_awaitable(studio):
+    import asyncio
+
+    calls = []
+
+    async def later(x):
+        calls.append(x)
+        return "not for the page"
+
+    assert studio._cb(lambda x: calls.append(x) or "not for the page")(1) is None
+    callback = studio._cb(later)
+    assert asyncio.iscoroutinefunction(callback)
+    assert asyncio.run(callback(2)) is None and calls == [1, 2]

@@ -140,6 +140,17 @@ def test_load_shipped_volume(page, module_shots):
     module_shots(page, "load_spine_ct", publish="studio_load_volume")
 
 
+def test_load_server_path(page, module_shots):
+    from voco.data.sample_data import fetch
+
+    field = input_of(page, "volume-path-input")
+    field.fill(str(fetch("spine-ct")))
+    field.press("Enter")
+    tid(page, "load-path-button").click()
+    expect(status(page)).to_contain_text("Loaded spine-ct.nii.gz", timeout=120_000)
+    idle(page)
+
+
 def test_upload_volume(page, module_shots):
     from voco.data.sample_data import fetch
 

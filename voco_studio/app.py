@@ -48,9 +48,10 @@ from VoCoPretrainLib.logic import PretrainLogic  # noqa: E402
 from VoCoSegmentationLib.logic import SegmentationLogic  # noqa: E402
 from VoCoSegmentationLib.training_set import TrainingSet  # noqa: E402
 
+from voco.data.sources import image_suffix  # noqa: E402
+
 from .chart import loss_chart_svg, table_columns  # noqa: E402
 from . import demo_model  # noqa: E402
-from .demo_model import demo_dataset  # noqa: E402
 
 POLL_S = 0.5
 SAMPLES = ["mni152-t1", "spine-ct"]
@@ -60,6 +61,11 @@ TESTID = [("data_testid", "data-testid")]
 def tid(name: str, **kwargs) -> dict:
     """``id`` and ``data-testid`` both set to ``name`` (README_TESTIDS.md)."""
     return {"id": name, "__properties": TESTID, "data_testid": name, **kwargs}
+
+
+def dice_suffix(dice: float | None) -> str:
+    """`` (Dice 0.853)`` after a model's name, or nothing when it has no validation Dice."""
+    return f" (Dice {dice:.3f})" if dice is not None else ""
 
 
 def layouts() -> dict:
@@ -115,7 +121,6 @@ class StudioApp(TrameApp):
         self.training_set = TrainingSet(self.workdir / "training-set")
         self.volume_node = None
         self.segmentation_node = None
-        self.models: dict[str, object] = {}  # spec -> ModelEntry or path
         self.jobs: dict[str, dict] = {}      # job id -> {"kind", "job"}
         self.versions: list[dict] = []
         self._poll_task = None
@@ -213,7 +218,9 @@ class StudioApp(TrameApp):
         nodes = self.slicer_app.io_manager.load_volumes([str(path)])
         if not nodes:
             raise ValueError(f"could not read a volume from {path}")
-        nodes[0].SetName(name or Path(path).name.split(".")[0])  # "x.nii.gz" would confuse the engine's file type
+        file_name = Path(path).name
+        # "x.nii.gz" as a node name would confuse the engine's file type when the node is written out
+        nodes[0].SetName(name or file_name[: len(file_name) - len(image_suffix(file_name) or "")])
         self._show_volume(nodes[0], name or Path(path).name)
         return nodes[0]
 
@@ -273,7 +280,6 @@ class StudioApp(TrameApp):
     # --- segmentation workflow -----------------------------------------------------------------
 
     def _add_model(self, spec: str, title: str, select: bool = True) -> None:
-        self.models[spec] = spec
         options = [o for o in self.state.model_options if o["value"] != spec] + [{"value": spec, "title": title}]
         self.state.model_options = options
         if select:
@@ -290,7 +296,7 @@ class StudioApp(TrameApp):
         self.train_demo_model(dataset)
 
     def _demo_dataset(self):
-        return demo_dataset(self.workdir / "brain-tissue")
+        return demo_model.demo_dataset(self.workdir / "brain-tissue")
 
     def train_demo_model(self, dataset=None):
         """A background fine-tuning run (VoCoPretrainLib's, as in Slicer) that makes the demo model."""
@@ -316,12 +322,14 @@ class StudioApp(TrameApp):
             if run.state != "done":
                 self.state.status_text = f"Error: the demo model's training {run.state}: {run.message}"
                 continue
-            package = str(Path(run.path) / "model")
-            dice = f" (Dice {run.best_dice:.3f})" if run.best_dice is not None else ""
-            self._add_model(package, f"{demo_model.NAME} v1{dice}")
-            self.versions.append({"name": demo_model.NAME, "version": "1", "path": package, "dice": run.best_dice})
-            self.state.versions = list(self.versions)
-            self.state.status_text = f"Demo model ready{dice}"
+            self._add_version(demo_model.NAME, "1", str(Path(run.path) / "model"), run.best_dice)
+            self.state.status_text = f"Demo model ready{dice_suffix(run.best_dice)}"
+
+    def _add_version(self, name: str, version: str, path: str, dice: float | None) -> None:
+        """A model version made here (demo model, fine-tuning): selected, and a row of the versions table."""
+        self._add_model(path, f"{name} v{version}{dice_suffix(dice)}")
+        self.versions.append({"name": name, "version": version, "path": path, "dice": dice})
+        self.state.versions = list(self.versions)
 
     def add_model_path(self):
         path = self.state.model_path.strip()
@@ -370,7 +378,7 @@ class StudioApp(TrameApp):
         self.segmentation_node = node
         node.CreateDefaultDisplayNodes()
         # The volume rendering would hide the segments' surfaces in 3D (Slicer shows them alone too).
-        rendering = self.slicer_app.volume_rendering.get_vr_display_node(self.volume_node)
+        rendering = self.slicer_app.volume_rendering.get_vr_display_node(job.volume_node)
         if rendering is not None:
             rendering.SetVisibility(False)
         # Surfaces in 3D, kept up to date through the editor's logic as the segment editor changes them.
@@ -585,10 +593,7 @@ class StudioApp(TrameApp):
                             self.state.status_text = f"Error: {job.error or job.status}"
                     elif entry["kind"] == "finetune":
                         if job.succeeded and job.model_path:
-                            self._add_model(job.model_path, f"{job.model_name} v{job.model_version}")
-                            self.versions.append({"name": job.model_name, "version": job.model_version,
-                                                  "path": job.model_path, "dice": job.best_dice})
-                            self.state.versions = list(self.versions)
+                            self._add_version(job.model_name, job.model_version, job.model_path, job.best_dice)
                         self.state.status_text = job.status if job.succeeded else f"Error: {job.error}"
             node = self.segmentation_node
             if node is not None and node.GetSegmentation().GetMTime() != self._segments_mtime:
@@ -625,9 +630,10 @@ class StudioApp(TrameApp):
             self.state.devices = [{"value": d.id, "title": d.title} for d in devices]
             self.state.device_note = note or ""
             for model in models:
-                if model.usable and model.installed and model.spec not in self.models:
-                    dice = f" (Dice {model.dice:.3f})" if model.dice is not None else ""
-                    self._add_model(model.spec, f"{model.name} v{model.version}{dice}", select=not self.state.model)
+                known = {option["value"] for option in self.state.model_options}
+                if model.usable and model.installed and model.spec not in known:
+                    self._add_model(model.spec, f"{model.name} v{model.version}{dice_suffix(model.dice)}",
+                                    select=not self.state.model)
 
     # --- UI ------------------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -163,13 +162,3 @@ def module_shots(request):
 def python_command(*args) -> list[str]:
     return [sys.executable, *map(str, args)]
 
-
-def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)

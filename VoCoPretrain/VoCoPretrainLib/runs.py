@@ -258,10 +258,11 @@ class Runs:
         live = _LIVE.get(str(run_dir))
         job = read_job(run_dir)
         pid = job.get("pid")
-        if self._alive(run_dir, job):
+        alive = self._alive(run_dir, job)
+        if alive:
             with open(run_dir / EVENTS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"event": STOP_EVENT, "time": round(time.time(), 3)}) + "\n")
-        if sys.platform != "win32" and pid and self._alive(run_dir, job):
+        if sys.platform != "win32" and pid and alive:
             try:
                 os.killpg(pid, signal.SIGTERM)     # runners start the engine as a group leader
             except (ProcessLookupError, PermissionError):
@@ -372,15 +373,12 @@ class Runs:
 
 
 def _options(**values) -> list[str]:
-    args = []
-    for key, value in values.items():
-        if value is not None:
-            args += [f"--{key.replace('_', '-')}", str(value)]
-    return args
+    """``--key value`` for each value that is not None."""
+    return _with_options([], **values)
 
 
 def _with_options(args: Sequence[str], **values) -> list[str]:
-    """``args`` with each given option's value replaced (or added)."""
+    """``args`` with each given option's value replaced (or added); None leaves an option as it is."""
     args = list(args)
     for key, value in values.items():
         flag = f"--{key.replace('_', '-')}"

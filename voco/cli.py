@@ -152,6 +152,13 @@ def _preset(args, default: str):
 
 
 def cmd_pretrain(args, reporter) -> int:
+    from .jobs.run_lock import run_lock
+
+    with run_lock(args.out, rank=int(os.environ.get("RANK", "0"))):
+        return _pretrain(args, reporter)
+
+
+def _pretrain(args, reporter) -> int:
     from .training.pretrain import PretrainConfig, pretrain, resumable_config
 
     given = {k: v for k, v in vars(args).items() if v is not None}
@@ -194,9 +201,11 @@ def cmd_demo(args, reporter) -> int:
 
 
 def cmd_finetune(args, reporter) -> int:
+    from .jobs.run_lock import run_lock
     from .training.finetune import finetune_from_args
 
-    return finetune_from_args(args, reporter)
+    with run_lock(args.out):
+        return finetune_from_args(args, reporter)
 
 
 def cmd_segment(args, reporter) -> int:

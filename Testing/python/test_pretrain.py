@@ -4,6 +4,7 @@ the loss falls, a killed or stopped run resumes bit for bit, and a 2-process DDP
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import events, run_voco, stop_after_first_step, voco_command
+from conftest import REPO, events, run_voco, stop_after_first_step, voco_command
 from voco.figures import read_metrics
 
 # A small but complete configuration: 2x2 base grid of 32^3 crops, tiny SwinUNETR, demo preset
@@ -104,6 +105,57 @@ def test_sigterm_checkpoints_the_current_step_and_resume_matches(uninterrupted, 
     result = run_voco(*pretrain_args(data, out, "--resume"))
     assert result.returncode == 0, result.stderr
     assert_bitwise_equal(load_tensors(out / "checkpoint.pt"), load_tensors(reference / "checkpoint.pt"))
+
+
+def test_a_reader_that_goes_away_makes_the_run_checkpoint_and_stop_not_die(uninterrupted, data, tmp_path):
+    """The front end closed (Slicer quit, a broken pipe): the next event must not kill the run."""
+    reference, _ = uninterrupted
+    out = tmp_path / "orphaned"
+    process = subprocess.Popen(voco_command(*pretrain_args(data, out)), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=REPO)
+    for line in process.stdout:
+        if '"event": "step"' in line.decode():
+            break
+    process.stdout.close()  # the reader is gone
+    assert process.wait(timeout=300) == 128 + signal.SIGPIPE
+    stderr = process.stderr.read().decode()
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 1 <= step < STEPS
+    result = run_voco(*pretrain_args(data, out, "--resume"))
+    assert result.returncode == 0, result.stderr
+    assert_bitwise_equal(load_tensors(out / "checkpoint.pt"), load_tensors(reference / "checkpoint.pt"))
+
+
+def test_the_stop_file_stops_a_run_after_its_checkpoint(data, tmp_path):
+    """Where a front end cannot signal the engine (Windows), it creates the file $VOCO_STOP_FILE names."""
+    out, stop = tmp_path / "stopped", tmp_path / "STOP"
+    process = subprocess.Popen(voco_command(*pretrain_args(data, out)), stdout=subprocess.PIPE, text=True, cwd=REPO,
+                               env={**os.environ, "VOCO_STOP_FILE": str(stop)})
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if '"event": "step"' in line:
+            stop.touch()
+    assert process.wait(timeout=300) == 128 + signal.SIGTERM
+    stopped = events("".join(lines))[-1]
+    assert stopped["event"] == "stopped" and stopped["step"] < STEPS
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == stopped["step"]
+
+
+def test_a_second_run_on_a_run_folder_in_use_is_refused_naming_the_holder(data, tmp_path):
+    out = tmp_path / "busy"
+    first = subprocess.Popen(voco_command(*pretrain_args(data, out)), stdout=subprocess.PIPE, text=True, cwd=REPO)
+    for line in first.stdout:
+        if '"event": "start"' in line:
+            break
+    second = run_voco(*pretrain_args(data, out, "--resume"))
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=300)
+    assert second.returncode == 2
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "in use by another training process" in lines[0] and f"pid {first.pid}" in lines[0]
+    assert str(out) in lines[0]
 
 
 def test_resume_can_extend_a_finished_run(uninterrupted, data, tmp_path):

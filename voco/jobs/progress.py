@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
 import time
+
+from .signals import request_stop
 
 
 def _clean(value):
@@ -22,14 +26,27 @@ def _clean(value):
 
 
 class JsonLinesReporter:
+    """When the reader goes away (the front end closed: a broken pipe), the job is not killed by
+    its next event: the rest of the output goes nowhere and training stops after a checkpoint."""
+
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
 
     def emit(self, event: str, **fields) -> None:
         record = {"event": event, "time": round(time.time(), 3)}
         record.update({k: _clean(v) for k, v in fields.items()})
-        self.stream.write(json.dumps(record) + "\n")
-        self.stream.flush()
+        try:
+            self.stream.write(json.dumps(record) + "\n")
+            self.stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        devnull = open(os.devnull, "w")
+        if self.stream is sys.stdout:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())  # the interpreter's last flush goes nowhere too
+        self.stream = devnull
+        request_stop(getattr(signal, "SIGPIPE", signal.SIGTERM))
 
 
 class HumanReporter:

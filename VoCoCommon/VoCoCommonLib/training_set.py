@@ -8,9 +8,13 @@ A folder in the MSD layout::
     imagesTr/case_0001.nrrd   the image on its own grid (LPS NRRD)
     labelsTr/case_0001.nrrd   the corrected label map on the same grid
 
+Adding a case has two halves: ``snapshot`` reads the scene (the GUI thread: voxels and label
+values) and ``write`` compresses and stores the files (a worker thread; seconds for a large
+volume). ``add`` does both, for the console and tests.
+
 Crash safety: every file is written under a temporary name, flushed to disk and renamed into
 place; dataset.json is replaced last. A crash at any moment leaves the previous dataset.json
-whole, plus at most files that it does not name; the next ``add`` removes those.
+whole, plus at most files that it does not name; the next ``write`` removes those.
 """
 
 from __future__ import annotations
@@ -18,16 +22,29 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
-import vtk
+import numpy as np
 
 from .volumes import check_scalar_volume, fsync_file, ijk_to_ras, label_array_from_segmentation, write_nrrd
 
 DATASET_JSON = "dataset.json"
 IMAGES, LABELS = "imagesTr", "labelsTr"
 TMP_PREFIX = ".tmp-"
+LABEL_VALUE_TAG = "VoCo.LabelValue"  # on a segment: the label value of the model output it came from
 _CASE = re.compile(r"case_(\d+)\.nrrd")
+
+
+@dataclass
+class CaseSnapshot:
+    """A case read from the scene, ready to be written by any thread."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    ijk_to_ras: np.ndarray
+    names: dict  # label value -> segment name
 
 
 class TrainingSet:
@@ -37,6 +54,8 @@ class TrainingSet:
         ts.add(getNode("CT"), getNode("CT liver v1"), {"liver": 1, "spleen": 5})
         ts.count
     """
+
+    _write_lock = threading.Lock()  # one writer at a time: case numbers and dataset.json
 
     def __init__(self, folder, name: str = "VoCo clinician cases"):
         self.folder = Path(folder)
@@ -67,15 +86,19 @@ class TrainingSet:
         return {int(k): v for k, v in self.read()["labels"].items()}
 
     def add(self, volume_node, segmentation_node, labels=None, segment_ids=None) -> str:
-        """Store the image and the segmentation as a new case; returns its id (``case_0001``...).
+        """Store the image and the segmentation as a new case; returns its id (``case_0001``...)."""
+        return self.write(self.snapshot(volume_node, segmentation_node, labels, segment_ids))
+
+    def snapshot(self, volume_node, segmentation_node, labels=None, segment_ids=None) -> CaseSnapshot:
+        """The case as it is in the scene.
 
         ``labels`` says which value each segment gets: ``{segment name: value}``, or a model card's
         labels (a list of ``{"value", "name"}``). A segment not named there keeps the value tagged
         by the model that made it, else takes the next free value; names already in dataset.json
         keep their values. ``segment_ids`` restricts which segments are stored (default: all)."""
-        dataset = self.read()
-        self.remove_orphans(dataset)
-        values = self._segment_values(segmentation_node, labels, dataset, segment_ids)
+        if segmentation_node is None:
+            raise ValueError("no segmentation selected")
+        values = self._segment_values(segmentation_node, labels, self.read(), segment_ids)
         if not values:
             raise ValueError(f"segmentation '{segmentation_node.GetName()}' has no segments to store")
         image = check_scalar_volume(volume_node)
@@ -83,23 +106,31 @@ class TrainingSet:
                                                     {sid: value for sid, (_, value) in values.items()})
         if not label_array.any():
             raise ValueError("the segmentation is empty on this volume: nothing to learn from")
-        case_id = self._next_case_id(dataset)
-        matrix = ijk_to_ras(volume_node)
-        image_path, label_path = self.folder / IMAGES / f"{case_id}.nrrd", self.folder / LABELS / f"{case_id}.nrrd"
-        self._atomic(image_path, lambda tmp: write_nrrd(image, matrix, tmp, compress=True))
-        self._atomic(label_path, lambda tmp: write_nrrd(label_array, matrix, tmp, compress=True))
-        for name, value in values.values():
-            dataset["labels"][str(value)] = name
-        dataset["labels"] = {k: dataset["labels"][k] for k in sorted(dataset["labels"], key=int)}
-        dataset["training"].append({"image": f"./{IMAGES}/{case_id}.nrrd", "label": f"./{LABELS}/{case_id}.nrrd"})
-        dataset["numTraining"] = len(dataset["training"])
-        self._atomic(self.dataset_json, lambda tmp: tmp.write_text(json.dumps(dataset, indent=1), encoding="utf-8"))
-        return case_id
+        return CaseSnapshot(image=np.array(image), labels=label_array, ijk_to_ras=ijk_to_ras(volume_node),
+                            names={value: name for name, value in values.values()})
+
+    def write(self, case: CaseSnapshot) -> str:
+        """Write a snapshot as the next case; returns its id."""
+        with self._write_lock:
+            dataset = self.read()
+            self.remove_orphans(dataset)
+            case_id = self._next_case_id(dataset)
+            image_path, label_path = self.folder / IMAGES / f"{case_id}.nrrd", self.folder / LABELS / f"{case_id}.nrrd"
+            self._atomic(image_path, lambda tmp: write_nrrd(case.image, case.ijk_to_ras, tmp, compress=True))
+            self._atomic(label_path, lambda tmp: write_nrrd(case.labels, case.ijk_to_ras, tmp, compress=True))
+            for value, name in case.names.items():
+                dataset["labels"][str(value)] = name
+            dataset["labels"] = {k: dataset["labels"][k] for k in sorted(dataset["labels"], key=int)}
+            dataset["training"].append({"image": f"./{IMAGES}/{case_id}.nrrd", "label": f"./{LABELS}/{case_id}.nrrd"})
+            dataset["numTraining"] = len(dataset["training"])
+            self._atomic(self.dataset_json,
+                         lambda tmp: tmp.write_text(json.dumps(dataset, indent=1), encoding="utf-8"))
+            return case_id
 
     # --- helpers ------------------------------------------------------------------------------
 
     def _segment_values(self, segmentation_node, labels, dataset, segment_ids) -> dict:
-        from .results import LABEL_VALUE_TAG
+        import vtk
 
         if isinstance(labels, (list, tuple)):
             labels = {str(label["name"]): int(label["value"]) for label in labels}

@@ -1,2 +1,3 @@
-"""Qt-free logic of the VoCoPretrain module: runs (runs.py), live curves (curves.py), crop-layout
-and position-prediction overlays (overlays.py), composed by ``PretrainLogic`` (logic.py)."""
+"""VoCoPretrain's Qt-free layer: the session a front end shows (``session``), live loss curves
+(``curves``), crop-layout and position-prediction overlays (``overlays``) and their jobs
+(``jobs``). Runs live in the shared client's workspace (VoCoCommonLib.runs)."""

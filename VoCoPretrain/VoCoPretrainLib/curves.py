@@ -1,27 +1,32 @@
-"""Live training curves: progress events -> table nodes -> one plot chart.
+"""Live training curves: progress events -> columns -> table nodes -> one plot chart.
 
-``step`` events fill the loss table (column ``step`` plus one column per loss term that the
-engine reports: ``loss``, ``loss_pos``, ``loss_neg``, ``loss_reg``, ``loss_inter`` for
-pretraining; whatever ``loss*`` fields fine-tuning sends). ``val_dice`` events fill a second
-table (``step``, ``mean`` and one column per label). The chart has one line series per column.
-Rows are appended as events arrive; a term that appears later gets earlier rows as NaN.
+``step`` events fill the loss columns (``step`` plus one per loss term that the engine reports:
+``loss``, ``loss_pos``, ``loss_neg``, ``loss_reg``, ``loss_inter`` for pretraining; whatever
+``loss*`` fields fine-tuning sends). ``val_dice`` events fill validation columns (``step``,
+``val_mean`` and one per label). A term that appears later gets earlier rows as NaN.
+
+Two halves, so that a long run's history is never parsed on the GUI thread: ``CurveColumns``
+(plain Python: fed from events, or from a run folder in a worker thread) and ``TrainingCurves``
+(the MRML nodes: ``show(columns)`` copies the columns into the tables as whole arrays).
 
 Example (Slicer's Python console)::
 
-    from VoCoPretrainLib.curves import TrainingCurves
-    curves = TrainingCurves("run-1")
-    curves.add_events([{"event": "step", "step": 1, "loss": 0.8, "loss_pos": 0.3}])
+    from VoCoPretrainLib.curves import CurveColumns, TrainingCurves
+    columns = CurveColumns(); columns.add_events([{"event": "step", "step": 1, "loss": 0.8}])
+    curves = TrainingCurves("run-1"); curves.show(columns)
     slicer.modules.plots.logic().ShowChartInLayout(curves.chart)   # in Slicer only
 """
 
 from __future__ import annotations
 
 import colorsys
-import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 import slicer
+from VoCoCommonLib import events as ev
 
 LOSS_PREFIX = "loss"
 VAL_PREFIX = "val_"   # column names of the validation table: val_mean, val_<label>
@@ -33,6 +38,56 @@ def _number(value) -> float:
     except (TypeError, ValueError):
         return math.nan
     return value if math.isfinite(value) else math.nan
+
+
+class CurveColumns:
+    """The loss and validation columns of one run, as lists of floats (``step`` first)."""
+
+    def __init__(self):
+        self.loss: dict[str, list[float]] = {"step": []}
+        self.val: dict[str, list[float]] = {"step": []}
+
+    def add_events(self, events) -> int:
+        """Append the ``step`` and ``val_dice`` events among ``events``; the number of rows added."""
+        added = 0
+        for event in events:
+            kind = event.get("event")
+            if kind == ev.STEP and "step" in event:
+                self._append(self.loss, event["step"], {k: v for k, v in event.items() if k.startswith(LOSS_PREFIX)})
+                added += 1
+            elif kind == ev.VAL_DICE and "step" in event:
+                values = {"val_mean": event.get("mean")}
+                values.update({f"{VAL_PREFIX}{label}": dice for label, dice in (event.get("dice") or {}).items()})
+                self._append(self.val, event["step"], values)
+                added += 1
+        return added
+
+    @classmethod
+    def from_run(cls, run_dir) -> tuple["CurveColumns", ev.JsonLinesTail | None]:
+        """A run folder's curves, and the tail of its ``events.jsonl`` to follow it with (None for
+        a run started outside the front ends: its curves come from the engine's ``metrics.jsonl``,
+        where pretraining records are step events and fine-tuning ones carry ``val_mean``)."""
+        run_dir, columns = Path(run_dir), cls()
+        if (run_dir / "events.jsonl").is_file() or not (run_dir / "metrics.jsonl").is_file():  # or not started yet
+            tail = ev.JsonLinesTail(run_dir / "events.jsonl")
+            columns.add_events(tail.read_new())
+            return columns, tail
+        events = []
+        for record in ev.read_jsonl(run_dir / "metrics.jsonl"):
+            events.append({"event": ev.STEP, **record})
+            if "val_mean" in record:
+                events.append({"event": ev.VAL_DICE, "step": record["step"], "mean": record["val_mean"],
+                               "dice": record.get("val_dice") or {}})
+        columns.add_events(events)
+        return columns, None
+
+    @staticmethod
+    def _append(table: dict, step, values: dict) -> None:
+        rows = len(table["step"])
+        for name in sorted(values, key=lambda n: (n not in ("loss", "val_mean"), n)):   # total first
+            table.setdefault(name, [math.nan] * rows)
+        for name, column in table.items():
+            column.append(_number(step) if name == "step" else _number(values.get(name)))
 
 
 class TrainingCurves:
@@ -48,50 +103,14 @@ class TrainingCurves:
         self.chart.SetXAxisTitle("step")
         self.chart.SetYAxisTitle("loss / Dice")
         self.series: dict[str, object] = {}     # column name -> vtkMRMLPlotSeriesNode
-        for table in (self.loss_table, self.val_table):
-            self._add_column(table, "step")
 
-    # --- feeding -------------------------------------------------------------------------------
+    def show(self, columns: CurveColumns) -> None:
+        """Make the tables hold ``columns`` (whole arrays: cheap however long the run)."""
+        self._fill(self.loss_table, columns.loss)
+        self._fill(self.val_table, columns.val)
 
-    def add_events(self, events) -> int:
-        """Append the ``step`` and ``val_dice`` events among ``events``; the number of rows added."""
-        added = 0
-        for event in events:
-            kind = event.get("event")
-            if kind == "step" and "step" in event:
-                values = {k: v for k, v in event.items() if k.startswith(LOSS_PREFIX)}
-                added += self._append(self.loss_table, event["step"], values)
-            elif kind == "val_dice" and "step" in event:
-                values = {"val_mean": event.get("mean")}
-                values.update({f"{VAL_PREFIX}{label}": dice for label, dice in (event.get("dice") or {}).items()})
-                added += self._append(self.val_table, event["step"], values)
-        return added
-
-    def clear(self) -> None:
-        for table in (self.loss_table, self.val_table):
-            vtable = table.GetTable()
-            for column in range(vtable.GetNumberOfColumns()):
-                vtable.GetColumn(column).SetNumberOfTuples(0)
-            vtable.Modified()
-            table.Modified()
-
-    def load_run(self, run_dir) -> int:
-        """Rebuild from a run folder: ``events.jsonl`` when it exists, else the engine's ``metrics.jsonl``
-        (pretraining records are step events; fine-tuning records carry ``val_mean``/``val_dice``)."""
-        run_dir = Path(run_dir)
-        self.clear()
-        events_file, metrics_file = run_dir / "events.jsonl", run_dir / "metrics.jsonl"
-        if events_file.is_file():
-            return self.add_events(read_jsonl(events_file))
-        events = []
-        for record in read_jsonl(metrics_file):
-            events.append({"event": "step", **record})
-            if "val_mean" in record:
-                events.append({"event": "val_dice", "step": record["step"], "mean": record["val_mean"],
-                               "dice": record.get("val_dice") or {}})
-        return self.add_events(events)
-
-    # --- reading back --------------------------------------------------------------------------
+    def in_scene(self) -> bool:
+        return self.loss_table.GetScene() is not None
 
     def columns(self, table=None) -> list[str]:
         vtable = (table or self.loss_table).GetTable()
@@ -100,20 +119,22 @@ class TrainingCurves:
     def nodes(self) -> list:
         return [self.loss_table, self.val_table, self.chart, *self.series.values()]
 
-    # --- internals -----------------------------------------------------------------------------
+    def _fill(self, table, data: dict) -> None:
+        from vtkmodules.util.numpy_support import numpy_to_vtk
 
-    def _add_column(self, table, name: str):
-        from vtkmodules.vtkCommonCore import vtkDoubleArray
-
-        column = vtkDoubleArray()
-        column.SetName(name)
-        rows = table.GetTable().GetNumberOfRows()
-        column.SetNumberOfTuples(rows)
-        column.Fill(math.nan)
-        table.GetTable().AddColumn(column)
-        if name != "step":
-            self._add_series(table, name)
-        return column
+        vtable = table.GetTable()
+        for name, values in data.items():  # "step" first: a new column must match its row count
+            array = numpy_to_vtk(np.asarray(values, dtype=np.float64), deep=True)
+            array.SetName(name)
+            column = vtable.GetColumnByName(name)
+            if column is None:
+                vtable.AddColumn(array)
+                if name != "step":
+                    self._add_series(table, name)
+            else:
+                column.DeepCopy(array)
+        vtable.Modified()
+        table.Modified()
 
     def _add_series(self, table, name: str) -> None:
         series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{self.name} {name}")
@@ -128,38 +149,3 @@ class TrainingCurves:
         series.SetColor(*colorsys.hsv_to_rgb(hue, 0.8, 0.85))
         self.chart.AddAndObservePlotSeriesNodeID(series.GetID())
         self.series[name] = series
-
-    def _append(self, table, step, values: dict) -> int:
-        vtable = table.GetTable()
-        for name in sorted(values, key=lambda n: (n not in ("loss", "val_mean"), n)):   # total first
-            if vtable.GetColumnByName(name) is None:
-                self._add_column(table, name)
-        for i in range(vtable.GetNumberOfColumns()):
-            column = vtable.GetColumn(i)
-            name = column.GetName()
-            column.InsertNextValue(_number(step) if name == "step" else _number(values.get(name)))
-        vtable.Modified()
-        table.Modified()
-        return 1
-
-
-def read_jsonl(path) -> list[dict]:
-    """The JSON objects of a JSON-lines file; a half-written or broken line is skipped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
-    return json_records(text)
-
-
-def json_records(text: str) -> list[dict]:
-    """The JSON objects of a JSON-lines text; blank, partial or non-object lines are skipped."""
-    records = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records

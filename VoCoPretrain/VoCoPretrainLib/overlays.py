@@ -7,10 +7,13 @@ the input image's grid). ``voco positions IMAGE --checkpoint CKPT --out DIR`` wr
 ``positions.nii.gz`` (one target's predicted overlap painted over each base). This module turns
 them into markups ROI boxes, a labelmap with a colour table, a table and a scalar volume.
 
+Reading the files (``read_layout``, ``read_positions``) needs no scene and runs in a job's worker
+thread; making the nodes (``layout_nodes``, ``position_nodes``) is MRML, for the GUI thread.
+
 Example (Slicer's Python console)::
 
-    from VoCoPretrainLib.overlays import load_layout
-    layout = load_layout("/tmp/crops")
+    from VoCoPretrainLib.overlays import layout_nodes, read_layout
+    layout = layout_nodes(read_layout("/tmp/crops"))
     layout.bases[3].GetName()   # 'base 3'
 """
 
@@ -31,6 +34,15 @@ TARGET_COLOR = (0.1, 0.8, 1.0)     # cyan boxes for the sampled targets
 ERROR_SCALE = 0.5                  # a mean absolute overlap error this large is drawn fully red
 HEATMAP_COLOR_NODE_ID = "vtkMRMLColorTableNodeFullRainbow"
 ROLE_ATTRIBUTE = "VoCo.overlay"    # on every node added here: "base", "target", "layout", "heatmap", ...
+
+
+@dataclass
+class OverlayFiles:
+    """What ``voco crops`` / ``voco positions`` wrote: the JSON and the volume (KJI, IJK -> RAS)."""
+
+    data: dict
+    array: np.ndarray
+    ijk_to_ras: np.ndarray
 
 
 @dataclass
@@ -130,23 +142,25 @@ def _base_color_table(bases: int, name: str):
     for k in range(bases):
         r, g, b = colorsys.hsv_to_rgb((k * 0.618034) % 1.0, 0.75, 1.0)   # well-separated hues
         table.SetColor(k + 1, f"base {k}", r, g, b, 1.0)
-    table.SetNamesInitialised(True)
     return table
 
 
 # --- crop layout -----------------------------------------------------------------------------
 
-def load_layout(out_dir, prefix: str = "") -> LayoutNodes:
-    """ROIs for every base ("base k", yellow) and target ("target t", cyan) of ``voco crops``
-    output ``out_dir``, and its base-index labelmap with a colour table (all locked, in RAS)."""
+def read_layout(out_dir) -> OverlayFiles:
     out_dir = Path(out_dir)
-    layout = json.loads((out_dir / "layout.json").read_text())
+    return OverlayFiles(json.loads((out_dir / "layout.json").read_text()), *read_nifti(out_dir / "layout.nii.gz"))
+
+
+def layout_nodes(files: OverlayFiles, prefix: str = "") -> LayoutNodes:
+    """ROIs for every base ("base k", yellow) and target ("target t", cyan) of ``voco crops``
+    output, and its base-index labelmap with a colour table (all locked, in RAS)."""
+    layout, array, ijk_to_ras = files.data, files.array, files.ijk_to_ras
     axes = layout["box_axes_ras"]
     nodes = LayoutNodes(layout=layout)
     nodes.bases = [add_box(box, axes, f"{prefix}base {box['index']}", BASE_COLOR) for box in layout["bases"]]
     nodes.targets = [add_box(box, axes, f"{prefix}target {box['index']}", TARGET_COLOR, fill_opacity=0.15)
                      for box in layout["targets"]]
-    array, ijk_to_ras = read_nifti(out_dir / "layout.nii.gz")
     nodes.color_table = _base_color_table(len(layout["bases"]), f"{prefix}base crops colours")
     nodes.labelmap = slicer.util.addVolumeFromArray(array.astype(np.int16), ijk_to_ras, f"{prefix}base crops",
                                                     "vtkMRMLLabelMapVolumeNode")
@@ -169,13 +183,17 @@ def position_rows(positions: dict) -> np.ndarray:
     return np.asarray(rows, dtype=float).reshape(-1, len(POSITION_COLUMNS))
 
 
-def load_positions(out_dir, prefix: str = "", error_scale: float = ERROR_SCALE) -> PositionNodes:
+def read_positions(out_dir) -> OverlayFiles:
+    out_dir = Path(out_dir)
+    return OverlayFiles(json.loads((out_dir / "positions.json").read_text()), *read_nifti(out_dir / "positions.nii.gz"))
+
+
+def position_nodes(files: OverlayFiles, prefix: str = "", error_scale: float = ERROR_SCALE) -> PositionNodes:
     """Table of predicted vs true overlap per (target, base), target ROIs coloured green -> red by
     their mean absolute error, and the heatmap of ``positions.nii.gz`` as a scalar volume whose
     display node already uses a rainbow colour map over [0, 1] (put it in the foreground layer:
     ``slicer.util.setSliceViewerLayers(foreground=nodes.heatmap, foregroundOpacity=0.5)``)."""
-    out_dir = Path(out_dir)
-    positions = json.loads((out_dir / "positions.json").read_text())
+    positions, array, ijk_to_ras = files.data, files.array, files.ijk_to_ras
     nodes = PositionNodes(positions=positions, heatmap_target=int(positions.get("heatmap_target", 0)))
 
     table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", f"{prefix}position predictions")
@@ -193,7 +211,6 @@ def load_positions(out_dir, prefix: str = "", error_scale: float = ERROR_SCALE) 
         node.SetAttribute("VoCo.mean_abs_error", f"{error:.6g}")
         nodes.targets.append(node)
 
-    array, ijk_to_ras = read_nifti(out_dir / "positions.nii.gz")
     heatmap = slicer.util.addVolumeFromArray(array.astype(np.float32), ijk_to_ras,
                                              f"{prefix}predicted overlap (target {nodes.heatmap_target})")
     high = max(1.0, float(array.max())) if array.size else 1.0

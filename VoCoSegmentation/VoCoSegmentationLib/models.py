@@ -1,9 +1,9 @@
 """The model list of the module's combo box: registry entries, installed and imported models,
 fine-tuned versions, each with its validation Dice next to the previous version's.
 
-It comes from ``python -m voco models list --progress jsonl`` (run through the process runner)
-plus the model packages of the module's own fine-tuning runs (``<runs>/*/model/model.json``)
-that have not been imported yet.
+It comes from ``python -m voco models list --progress jsonl`` (``ModelsJob``, in the
+background) plus the model packages of fine-tuning runs in the runs workspace
+(``<runs>/*/model/model.json``) that have not been imported yet.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .process import EngineProcess
+from VoCoCommonLib import events as ev
+from VoCoCommonLib.jobs import Job
 
 
 @dataclass
@@ -121,18 +122,18 @@ def _version_key(version: str):
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts]
 
 
-def list_models(runner_factory=EngineProcess, runs_folder=None, timeout: float = 120.0, **runner_options) -> list[ModelEntry]:
-    """Run ``voco models list`` and return every model the module can offer (blocks; a few seconds)."""
-    runner = runner_factory(["models", "list"], **runner_options).start()
-    if runner.wait(timeout) is None:
-        runner.cancel()
-        raise RuntimeError("voco models list did not answer in time")
-    events = runner.poll()
-    errors = [e.get("message", "") for e in events if e.get("event") == "error"]
-    listed = [e for e in events if e.get("event") == "models"]
-    if errors or not listed:
-        raise RuntimeError(f"could not list models: {errors[0] if errors else 'no answer from the engine'}")
-    return merge_entries(entries_from_event(listed[-1]) + entries_from_runs(runs_folder))
+class ModelsJob(Job):
+    """``voco models list`` in the background; ``models()`` is the merged list once it finished."""
+
+    def __init__(self, client, runs_folder=None):
+        super().__init__("models", lambda: client.voco(["models", "list"]), status="listing models",
+                         load=lambda: entries_from_runs(runs_folder))
+
+    def models(self) -> list[ModelEntry]:
+        listed = [e for e in self.events if e.get("event") == ev.MODELS]
+        if not self.succeeded or not listed:
+            raise RuntimeError(f"could not list models: {self.error or 'no answer from the engine'}")
+        return merge_entries(entries_from_event(listed[-1]) + self.result)
 
 
 def latest_version(entries: list[ModelEntry], name: str) -> ModelEntry | None:

@@ -1,10 +1,17 @@
 """The engine's output (label map + ``OUTPUT.json`` sidecar) as a segmentation node.
 
 One segment per label of the model card, in card order, named and coloured as the card says,
-with Slicer's terminology entry where the card has a code, on the input volume's grid (the
-segmentation's reference geometry is the input volume; it goes under the input's parent
-transform). Labels the engine found no voxel of stay as empty segments and are reported.
-Nothing is left in the scene when anything fails.
+with Slicer's terminology entry where the card has a code, on the input volume's grid. The
+segmentation goes under the input's parent transform *before* its reference geometry is set:
+``SetReferenceImageGeometryParameterFromVolumeNode`` maps the volume's grid through the
+transform between the two nodes' parents, so the other order applied the transform twice.
+Labels the engine found no voxel of stay as empty segments and are reported. Nothing is left in
+the scene when anything fails.
+
+Reading the files (``read_output``) needs no scene and runs in the job's worker thread; making
+the node (``segmentation_from_output``) is MRML and runs on the GUI thread. Surfaces for the 3D
+view are made only when the user asks (Show 3D, as in Segment Editor): Slicer's conversion
+takes tens of milliseconds even for a small volume and seconds for a large one.
 """
 
 from __future__ import annotations
@@ -15,14 +22,24 @@ from pathlib import Path
 
 import numpy as np
 
-from .volumes import read_nrrd, same_grid
+from VoCoCommonLib.training_set import LABEL_VALUE_TAG
+from VoCoCommonLib.volumes import read_nrrd, same_grid
 
 # Slicer's terminology entry string (vtkSlicerTerminologiesModuleLogic::SerializeTerminologyEntry):
 # context~category~type~typeModifier~anatomicContext~region~regionModifier, each code "scheme^value^meaning".
 TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 ANATOMICAL_STRUCTURE = {"scheme": "SCT", "code": "123037004", "meaning": "Anatomical Structure"}
-LABEL_VALUE_TAG = "VoCo.LabelValue"  # the label value a segment came from (the training set reuses it)
+
+
+@dataclass
+class EngineOutput:
+    """The engine's label map and sidecar, read from disk."""
+
+    labels: np.ndarray       # KJI
+    ijk_to_ras: np.ndarray
+    sidecar: dict
+    name: str                # the label map's file name, for messages
 
 
 @dataclass
@@ -60,15 +77,18 @@ def read_sidecar(label_map_path) -> dict:
     return json.loads(sidecar.read_text(encoding="utf-8"))
 
 
-def segmentation_from_output(label_map_path, volume_node, name: str | None = None, sidecar: dict | None = None,
-                             show_3d: bool = True) -> SegmentationResult:
+def read_output(label_map_path) -> EngineOutput:
+    labels, matrix = read_nrrd(label_map_path)
+    return EngineOutput(labels, matrix, read_sidecar(label_map_path), Path(label_map_path).name)
+
+
+def segmentation_from_output(output: EngineOutput, volume_node, name: str | None = None) -> SegmentationResult:
     """Make the segmentation node of an engine output on ``volume_node``'s grid (see module doc)."""
     import slicer
 
-    sidecar = read_sidecar(label_map_path) if sidecar is None else sidecar
-    labels, matrix = read_nrrd(label_map_path)
+    labels, matrix, sidecar = output.labels, output.ijk_to_ras, output.sidecar
     if not same_grid(volume_node, labels, matrix):
-        raise ValueError(f"the engine's label map {Path(label_map_path).name} is not on the grid of "
+        raise ValueError(f"the engine's label map {output.name} is not on the grid of "
                          f"'{volume_node.GetName()}' (shape {labels.shape})")
     model = sidecar.get("model") or {}
     if name is None:
@@ -79,8 +99,8 @@ def segmentation_from_output(label_map_path, volume_node, name: str | None = Non
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
     try:
         node.CreateDefaultDisplayNodes()
-        node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         result = SegmentationResult(node, sidecar=sidecar)
         segmentation = node.GetSegmentation()
         for label in sidecar.get("labels", []):
@@ -100,8 +120,6 @@ def segmentation_from_output(label_map_path, volume_node, name: str | None = Non
             else:
                 result.empty_labels.append(str(label["name"]))
             result.segment_ids[value] = segment_id
-        if show_3d:
-            node.CreateClosedSurfaceRepresentation()
         return result
     except BaseException:
         remove_node(node)
@@ -126,16 +144,14 @@ def _set_segment_mask(node, segment_id: str, mask_kji: np.ndarray, ijk_to_ras: n
         raise RuntimeError(f"could not set the voxels of segment {segment_id}")
 
 
-def move_into(result: SegmentationResult, output_node, volume_node, show_3d: bool = True) -> SegmentationResult:
+def move_into(result: SegmentationResult, output_node, volume_node) -> SegmentationResult:
     """Put a result's segments into an existing segmentation node (its old segments are replaced)
     and remove the result's own node with its display node."""
     output_node.GetSegmentation().DeepCopy(result.node.GetSegmentation())
-    output_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     output_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    output_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     if output_node.GetDisplayNode() is None:
         output_node.CreateDefaultDisplayNodes()
-    if show_3d:
-        output_node.CreateClosedSurfaceRepresentation()
     remove_node(result.node)
     result.node = output_node
     return result

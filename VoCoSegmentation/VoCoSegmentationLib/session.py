@@ -1,0 +1,417 @@
+"""SegmentationSession: everything a segmentation front end decides, without Qt.
+
+The Slicer widget and VoCo Studio are views of one of these: a handler reads its inputs, calls
+one method, and the view shows ``state`` and ``buttons(...)`` whenever ``changed`` fires. The
+session decides which models and devices to offer, starts, polls, finishes and cancels jobs,
+what each button allows, the status line, and the clinician's loop (add a corrected case,
+fine-tune, see the new version and its Dice next to the previous one's).
+
+Nothing here blocks: the engine always runs as a process; the environment probe, the model
+list, the volume hand-off, writing a case and reading results happen in job threads; the GUI
+thread only calls ``tick()`` from its timer (every ``POLL_INTERVAL_MS``), which takes the new
+events and makes the segmentation node of a finished job (MRML must be touched on that thread).
+Fine-tuning is a run of the shared runs workspace (VoCoCommonLib.runs), so it goes on when the
+front end closes and VoCo Pretrain lists it too; when it is done the session imports its model
+package and the new version appears in the model list.
+
+Example (Slicer's Python console)::
+
+    session = SegmentationSession()
+    session.refresh()                                   # probe + model list, in the background
+    while session.tick() or session.busy: slicer.app.processEvents()
+    session.segment(getNode("CT"), session.state.models[0].spec, device="cpu")
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from VoCoCommonLib.client import EngineClient
+from VoCoCommonLib.environment import EngineEnvironment, ProbeJob
+from VoCoCommonLib.jobs import Job
+from VoCoCommonLib.runs import DONE, FINETUNE, RUNNING, STOPPED
+from VoCoCommonLib.signalling import Signal
+from VoCoCommonLib.training_set import TrainingSet
+
+from .jobs import ImportJob, SegmentJob
+from .models import ModelEntry, ModelsJob
+from .results import move_into, segmentation_from_output
+
+POLL_INTERVAL_MS = 200
+
+
+@dataclass
+class Button:
+    text: str
+    enabled: bool
+    tooltip: str = ""
+
+
+@dataclass
+class SegmentationButtons:
+    apply: Button
+    finetune: Button
+    add: Button
+    choose: bool  # model and device choice, refresh and import
+
+
+@dataclass
+class SegmentationState:
+    models: list = field(default_factory=list)            # ModelEntry, every kind
+    models_loading: bool = False
+    environment: EngineEnvironment | None = None          # None while the probe runs
+    job: str | None = None                                # kind of the running job, if any
+    fraction: float = 0.0
+    status: str = ""
+    finetuning: str | None = None                         # the fine-tuning run's folder while it runs
+    training_set_count: int = 0
+
+    @property
+    def segmentation_models(self) -> list:
+        return [m for m in self.models if m.usable]
+
+    @property
+    def devices(self) -> list:
+        return self.environment.devices if self.environment else []
+
+
+def finetuned_name(model) -> str:
+    """The name the fine-tuned package gets: the same as a segmentation model's (so it becomes its
+    next version), ``<backbone>-seg`` for a backbone (a backbone's name and version are taken)."""
+    if isinstance(model, ModelEntry):
+        return f"{model.name}-seg" if model.needs_finetuning else model.name
+    path = Path(str(model))
+    card = path / "model.json"
+    if card.is_file():
+        try:
+            return str(json.loads(card.read_text(encoding="utf-8"))["name"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if path.is_file():  # a checkpoint file
+        return f"{path.name.split('.')[0]}-seg"
+    return str(model)  # a registry name
+
+
+class SegmentationSession:
+    """See the module docstring. Signals: ``changed()``, ``resultReady(segmentation_node,
+    volume_node)``, ``errorOccurred(message)``, ``modelSelected(spec)`` (a new version to select)."""
+
+    def __init__(self, client: EngineClient | None = None, training_set: TrainingSet | None = None, runs=None,
+                 temp_root=None):
+        self.client = client or EngineClient()
+        self.training_set = training_set or TrainingSet(self.client.settings.training_set_dir)
+        self.runs = runs or self.client.runs()
+        self.temp_root = temp_root
+        self.state = SegmentationState(training_set_count=self.training_set.count)
+        self.changed, self.resultReady, self.errorOccurred, self.modelSelected = Signal(), Signal(), Signal(), Signal()
+        self.history: list[Job] = []          # every job of this session, oldest first (VoCo Studio's table)
+        self._job: Job | None = None          # the job the progress bar shows (segment, import, add a case)
+        self._pending: list = []              # segmentations queued behind it (compare versions)
+        self._background: list[Job] = []      # probe, model list, the import after fine-tuning
+        self._finetune: dict | None = None    # {"run", "base"} while a fine-tuning run goes on
+        self._auto = None                     # (every, model, steps, device) for automatic fine-tuning
+        self._select = None                   # a new version's spec, selected once the model list has it
+
+    # --- what the views show -------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self._job is not None or bool(self._pending)
+
+    def buttons(self, volume_node=None, model: str | None = None, segmentation_node=None) -> SegmentationButtons:
+        env, job = self.state.environment, self._job
+        segmenting = job is not None and job.kind == "segment"
+        if segmenting:
+            apply = Button("Cancelling..." if job.cancelling else "Cancel", not job.cancelling, "Stop the segmentation")
+        else:
+            why = ("checking the engine's Python..." if env is None else
+                   f"VoCo's Python packages are missing ({', '.join(env.missing)}): see Set-up" if env.missing else
+                   env.problem if env.problem else "select an input volume" if volume_node is None else
+                   "select a model" if not model else "wait for the running job" if job is not None else "")
+            apply = Button("Apply", not why, why or "Segment the input volume")
+        if self._finetune is not None:
+            finetune = Button("Stop fine-tuning", True, "Stop the fine-tuning run (it keeps its checkpoint)")
+        else:
+            why = ("checking the engine's Python..." if env is None else "install VoCo's Python packages first"
+                   if not env.ready else "select a model to fine-tune" if not model else
+                   "add a corrected case to the training set first" if self.state.training_set_count < 1 else "")
+            finetune = Button("Fine-tune", not why, why or "Fine-tune the model on the training set")
+        why = ("select the input volume and its (corrected) segmentation"
+               if volume_node is None or segmentation_node is None else
+               "wait for the running job" if job is not None else "")
+        add = Button("Add to training set", not why, why or "Store the volume and its segmentation as a training case")
+        return SegmentationButtons(apply, finetune, add, choose=job is None)
+
+    def versions(self, name: str) -> list[ModelEntry]:
+        return [m for m in self.state.models if m.name == name and m.usable]
+
+    def model(self, spec: str) -> ModelEntry | None:
+        return next((m for m in self.state.models if spec in (m.spec, m.name)), None)
+
+    # --- actions -------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Ask the engine's Python what it has (devices, packages) and list the models, in the background."""
+        if not any(j.kind == "environment" for j in self._background):
+            self.state.environment = None
+            self._background.append(ProbeJob(self.client).start())
+        self.refresh_models()
+
+    def refresh_models(self) -> None:
+        if not any(j.kind == "models" for j in self._background):
+            self.state.models_loading = True
+            self._background.append(ModelsJob(self.client, self.runs.workspace).start())
+        self._changed()
+
+    def segment(self, volume_node, model, device: str = "auto", fast: bool = False, tta: bool = False,
+                roi_node=None, output_node=None, name: str | None = None, queue: bool = False) -> SegmentJob | None:
+        """Start ``voco segment`` on the volume; with ``queue`` it waits for the running job
+        (None is returned then). Raises ValueError with a message for the user on bad input."""
+        if volume_node is None:
+            raise ValueError("no input volume selected")
+        spec = model.spec if isinstance(model, ModelEntry) else str(model or "")
+
+        def make():
+            return SegmentJob(self.client, volume_node, spec, device, fast, tta, roi_node, output_node, name,
+                              self.temp_root)
+
+        if self._job is not None:
+            if not queue:
+                raise ValueError("wait for the running job to finish")
+            self._pending.append(make)
+            self._changed()
+            return None
+        return self._start(make())
+
+    def compare_versions(self, volume_node, versions: list, device: str = "auto", names=None) -> None:
+        """Segment with each version in turn (queued), each result in a node of its own."""
+        names = names or [None] * len(versions)
+        for version, name in zip(versions, names):
+            self.segment(volume_node, version, device, name=name, queue=True)
+
+    def cancel(self) -> None:
+        """Stop the running job (and drop the queued ones); returns at once."""
+        self._pending.clear()
+        if self._job is not None:
+            self._job.cancel()
+            self.state.status = "cancelling..."
+        self._changed()
+
+    def import_model(self, path) -> Job:
+        if self._job is not None:
+            raise ValueError("wait for the running job to finish")
+        return self._start(ImportJob(self.client, path))
+
+    def add_to_training_set(self, volume_node, segmentation_node, model=None, auto_finetune_every: int = 0,
+                            steps: int = 300, device: str = "auto") -> Job:
+        """Store the (corrected) case: read from the scene now, written in the background. With
+        ``auto_finetune_every`` N, fine-tuning of ``model`` starts when the count reaches a multiple of N."""
+        if self._job is not None:
+            raise ValueError("wait for the running job to finish")
+        entry = model if isinstance(model, ModelEntry) else self.model(str(model)) if model else None
+        labels = entry.labels if entry is not None and entry.labels else None
+        case = self.training_set.snapshot(volume_node, segmentation_node, labels)
+        self._auto = (auto_finetune_every, entry or model, steps, device) if auto_finetune_every > 0 else None
+        return self._start(Job("add-case", load=lambda: self.training_set.write(case),
+                               status="adding the case to the training set"))
+
+    def finetune(self, model, steps: int = 300, device: str = "auto", dataset=None, name: str | None = None,
+                 backbone: str | None = None, extra_args=(), val_every: int | None = None) -> Path:
+        """Start a fine-tuning run of ``model`` (a spec, ModelEntry, or None: from scratch) on the
+        training set (or ``dataset``); returns its run folder. Its model is imported when it is done."""
+        if self._finetune is not None:
+            raise ValueError("a fine-tuning run is going on already")
+        if dataset is None:
+            if self.training_set.count < 1:
+                raise ValueError("the training set has no cases yet")
+            dataset = self.training_set.dataset_json
+        name = name or finetuned_name(model)
+        spec = model.spec if isinstance(model, ModelEntry) else model
+        run = self.runs.start_finetuning(dataset, init=spec, backbone=backbone, steps=steps, model_name=name,
+                                         name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", device=device,
+                                         val_every=val_every, checkpoint_every=val_every, extra_args=extra_args)
+        base = model if isinstance(model, ModelEntry) else self.model(str(model)) if model else None
+        self._finetune = {"run": run, "base": base}
+        self.state.finetuning = str(run)
+        self.state.status = "fine-tuning: starting"
+        self._changed()
+        return run
+
+    def stop_finetuning(self) -> bool:
+        return self._finetune is not None and self.runs.stop(self._finetune["run"])
+
+    def watch_finetuning(self, run) -> None:
+        """Follow a fine-tuning run started elsewhere (an earlier session) until it is imported."""
+        if self._finetune is None and self.runs.info(run).kind == FINETUNE:
+            self._finetune = {"run": self.runs.run_dir(run), "base": None}
+            self.state.finetuning = str(self._finetune["run"])
+
+    def scene_closed(self) -> None:
+        """The volumes are gone: a running segmentation is cancelled and its result dropped."""
+        self._pending.clear()
+        if self._job is not None and self._job.kind == "segment":
+            self._job.cancel()
+            self._job.volume_node = None
+        self._changed()
+
+    def close(self) -> None:
+        """The front end goes away: stop what would write into its scene (runs go on)."""
+        self.scene_closed()
+
+    # --- the timer -----------------------------------------------------------------------------
+
+    def tick(self) -> bool:
+        """Advance every job (call from the GUI thread's timer); True when anything changed."""
+        changed = self._tick_background()
+        if self._finetune is not None:
+            changed |= self._tick_finetune()
+        job = self._job
+        if job is not None:
+            changed |= bool(job.update())
+            self.state.fraction, self.state.status = job.fraction, job.status
+            if job.finished:
+                self._job = None
+                self._finish(job)
+                changed = True
+        if self._job is None and self._pending:
+            self._start_queued()
+            changed = True
+        if changed:
+            self._changed()
+        return changed
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        job = self._job
+        self.state.job = job.kind if job is not None else None
+        self.changed.emit()
+
+    def _start(self, job: Job) -> Job:
+        self.history.append(job)
+        self._job = job.start()
+        self.state.fraction, self.state.status = 0.0, job.status
+        self._changed()
+        return job
+
+    def _start_queued(self) -> None:
+        make = self._pending.pop(0)
+        try:
+            self._start(make())
+        except ValueError as exc:
+            self._fail(str(exc))
+
+    def _fail(self, message: str) -> None:
+        self.state.status = f"error: {message}"
+        self.errorOccurred.emit(message)
+
+    def _tick_background(self) -> bool:
+        changed = False
+        for job in list(self._background):
+            changed |= bool(job.update())
+            if not job.finished:
+                continue
+            self._background.remove(job)
+            if job.kind == "environment":
+                self.state.environment = job.environment()
+                if self.state.environment.message:
+                    self.state.status = self.state.environment.message
+            elif job.kind == "models":
+                self.state.models_loading = False
+                try:
+                    self.state.models = job.models()
+                except RuntimeError as exc:
+                    self._fail(str(exc))
+                if self._select is not None:
+                    self.modelSelected.emit(self._select)
+                    self._select = None
+            elif job.kind == "import":
+                self._imported(job)
+        return changed
+
+    def _tick_finetune(self) -> bool:
+        run, base = self._finetune["run"], self._finetune["base"]
+        info = self.runs.info(run)
+        before = self.state.status
+        if info.state == RUNNING:
+            step = f"step {info.step} of {info.total}" if info.total else "starting"
+            loss = f", loss {info.loss:.3f}" if info.loss is not None else ""
+            self.state.status = f"fine-tuning: {step}{loss}"
+            return self.state.status != before
+        self._finetune, self.state.finetuning = None, None
+        package = Path(info.model or Path(info.path) / "model")
+        if info.state == STOPPED:  # the user stopped it: no error, and it can go on later
+            self.state.status = f"fine-tuning stopped at step {info.step or 0}: resume it in VoCo Pretrain"
+        elif info.state != DONE:
+            self._fail(f"fine-tuning {info.state}" + (f": {info.message}" if info.message else ""))
+        elif not (package / "model.json").is_file():
+            self._fail("fine-tuning wrote no model package (no validation ran?)")
+        else:
+            job = ImportJob(self.client, package, dice=info.best_dice, base=base)
+            self.history.append(job)
+            self._background.append(job.start())
+            self.state.status = "adding the new model version to the model list"
+        return True
+
+    def _imported(self, job: ImportJob) -> None:
+        if not job.succeeded:
+            self._fail(job.error or "the import failed")
+            return
+        name, version, path = job.imported.get("name"), job.imported.get("version"), job.imported.get("path")
+        status = f"new model {name} v{version}"
+        if job.dice is not None:
+            status += f", validation Dice {job.dice:.3f}"
+            if job.base is not None and job.base.dice is not None:
+                status += f" (before: {job.base.dice:.3f})"
+        self.state.status = status
+        self._select = path
+        self.refresh_models()
+
+    def _finish(self, job: Job) -> None:
+        if isinstance(job, SegmentJob):
+            try:
+                if job.succeeded and job.volume_node is not None:
+                    self._show_result(job)
+            except Exception as exc:  # the result could not be made: say so, leave nothing
+                job.error = str(exc)
+            finally:
+                job.clean()
+        if job.cancelled:
+            self.state.status = "cancelled"
+        elif not job.succeeded:
+            self._fail(job.error or f"{job.kind} failed")
+        elif job.kind == "import":
+            self._imported(job)
+        elif job.kind == "add-case":
+            self.state.training_set_count = self.training_set.count
+            self.state.status = f"added {job.result} to the training set"
+            self._auto_finetune()
+
+    def _show_result(self, job: SegmentJob) -> None:
+        result = segmentation_from_output(job.result, job.volume_node, name=job.name)
+        if job.output_node is not None and job.output_node.GetScene() is not None:
+            move_into(result, job.output_node, job.volume_node)
+        job.node = result.node
+        if result.empty_labels:
+            job.status = f"done; no voxels for: {', '.join(result.empty_labels)}"
+        else:
+            job.status = f"done: {result.node.GetName()}"
+        self.state.status = job.status
+        self.resultReady.emit(result.node, job.volume_node)
+
+    def _auto_finetune(self) -> None:
+        if self._auto is None:
+            return
+        every, model, steps, device = self._auto
+        self._auto = None
+        count = self.state.training_set_count
+        if count % every == 0 and self._finetune is None:
+            try:
+                self.finetune(model, steps=steps, device=device)
+            except ValueError as exc:
+                self._fail(str(exc))
+                return
+            self.state.status = f"{count} cases: fine-tuning starts"

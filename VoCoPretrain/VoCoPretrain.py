@@ -1,16 +1,18 @@
 """VoCo Pretrain: pretrain a 3D backbone without labels (VoCo), watch its loss curves, and look at
 what it learned: the crop layout of a volume and the predicted positions of target crops.
 
-Runs are folders in a workspace that outlive the module (close Slicer, come back, resume). The
-engine (``python -m voco``) runs in its own process. The work is done by ``VoCoPretrainLib``
-(Qt-free, tested on slicer-core); the classes here only connect the GUI, the parameter node and
-that logic.
+Runs are folders of a workspace that outlive the module (close Slicer, come back, resume). The
+widget is a view of ``VoCoPretrainLib.session.PretrainSession`` (Qt-free, tested on
+slicer-core): handlers read the parameter node and call the session once; ``showState`` shows
+what the session decided. The engine (``python -m voco``) runs in its own process.
 """
 
+from __future__ import annotations
+
 import logging
-import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -26,21 +28,16 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+from VoCoCommonLib.release import slicer_unsupported_message
+from VoCoCommonLib.settings import read_settings
 
-POLL_INTERVAL_MS = 500
-RUNS_REFRESH_TICKS = 4  # the runs table is re-read every 4 polls (2 s)
+UNSUPPORTED = slicer_unsupported_message()  # None on Slicer 5.10+; the Libs need its Python 3.12
+if not UNSUPPORTED:
+    from VoCoCommonLib import dependencies
+    from VoCoPretrainLib.session import POLL_INTERVAL_MS, PretrainSession
+
 PRESETS = ["demo", "v2", "v1", "nnssl"]
 BACKBONES = ["swinunetr-tiny", "swinunetr-b", "swinunetr-l", "swinunetr-h", "resencl"]
-
-
-def vocoHome() -> Path:
-    """The folder VoCoSegmentation also uses ($VOCO_SLICER_HOME, else ~/VoCo)."""
-    return Path(os.environ.get("VOCO_SLICER_HOME") or Path.home() / "VoCo")
-
-
-def _pathOrNone(path) -> Path | None:
-    """An unset ctkPathLineEdit reads as Path('.'): that means no path."""
-    return None if path is None or str(path) in ("", ".") else Path(path)
 
 
 #
@@ -53,9 +50,9 @@ class VoCoPretrain(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "VoCo Pretrain"
         self.parent.categories = ["Machine Learning"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["VoCoCommon"]
         self.parent.contributors = ["VoCo for 3D Slicer developers"]
-        self.parent.helpText = """
+        self.parent.helpText = (UNSUPPORTED or "") + """
 Pretrain a 3D network on unlabelled volumes with VoCo (volume contrast): from a folder, a
 dataset.json, the volumes in the scene and the cases collected in VoCo Segmentation. Start, stop
 and resume runs, follow their loss curves live, show the base/target crop layout on a volume and
@@ -65,6 +62,8 @@ See the <a href="https://github.com/voco-slicer/SlicerVoCo#3d-slicer-extension">
         self.parent.acknowledgementText = """
 Built on VoCo (Wu et al., CVPR 2024; VoCo-v2), MONAI and PyTorch.
 """
+        if UNSUPPORTED:
+            logging.error(UNSUPPORTED)
 
 
 #
@@ -76,15 +75,16 @@ Built on VoCo (Wu et al., CVPR 2024; VoCo-v2), MONAI and PyTorch.
 class VoCoPretrainParameterNode:
     """GUI state, kept in the scene.
 
-    dataPath - a folder, dataset.json or list file of unlabelled images (optional).
+    dataPath - a folder, dataset.json or list file of unlabelled images ("" when none; a str, since
+               Slicer's path connector shows an empty Path as ".").
     runsFolder - the workspace: one sub-folder per run.
     selectedRun - the run the curves, Stop/Resume and position predictions refer to (its folder).
     """
 
-    dataPath: Path = Path()
+    dataPath: str = ""
     useSceneVolumes: bool = False
     useSubmittedCases: bool = False
-    runsFolder: Path = vocoHome() / "runs"
+    runsFolder: Path = read_settings().runs_dir
     runName: str = ""
     preset: Annotated[str, Choice(PRESETS)] = "demo"
     backbone: Annotated[str, Choice(BACKBONES)] = "swinunetr-tiny"
@@ -106,33 +106,43 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.session = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._runs = []  # RunInfo rows behind runsTableWidget
-        self._devices = []
-        self._ticks = 0
+        self._shownRuns = None
+        self._shownDevices = None
+        self._chartWanted = False   # show the chart in the plot view when the curves are next ready
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        if UNSUPPORTED:
+            self.layout.addWidget(qt.QLabel(UNSUPPORTED))
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/VoCoPretrain.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = VoCoPretrainLogic()
+        self.session = self.logic.session
+        self.session.changed.connect(self.showState)
+        self.session.errorOccurred.connect(self.onError)
+        self.session.overlayReady.connect(self.onOverlayReady)
+        self.session.curvesReady.connect(self.onCurvesReady)
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_INTERVAL_MS)
-        self.timer.timeout.connect(self.onPoll)
+        self.timer.connect("timeout()", self.session.tick)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.dataPathLineEdit.filters = ctkPathFilters()
         self.ui.runsFolderPathLineEdit.filters = ctkPathFilters(folders=True)
+        self.ui.dataPathLineEdit.connect("currentPathChanged(QString)", self.onDataPathChanged)
         self.ui.startButton.connect("clicked(bool)", self.onStart)
         self.ui.stopButton.connect("clicked(bool)", self.onStop)
         self.ui.resumeButton.connect("clicked(bool)", self.onResume)
-        self.ui.refreshRunsButton.connect("clicked(bool)", self.refreshRuns)
+        self.ui.refreshRunsButton.connect("clicked(bool)", self.onRefreshRuns)
         self.ui.runsTableWidget.connect("itemSelectionChanged()", self.onRunSelected)
         self.ui.showCurvesButton.connect("clicked(bool)", self.onShowCurves)
         self.ui.showCropsButton.connect("clicked(bool)", self.onShowCrops)
@@ -141,32 +151,33 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
 
         self.initializeParameterNode()
+        self.timer.start()  # runs go on while the module is not shown; their curves stay live
 
     def cleanup(self) -> None:
+        if self.session is None:
+            return
         # Runs keep going when the module is closed: their events are written to their folders.
         self.timer.stop()
+        self.session.scene_closed()
         self.removeObservers()
 
     def enter(self) -> None:
+        if self.session is None:
+            return
         self.initializeParameterNode()
-        self.refreshRuns()
-        if not self._devices:
-            import VoCoDependencies
-
-            if VoCoDependencies.torchMissing() or VoCoDependencies.missingRequirements():
-                self.ui.statusLabel.text = "VoCo's Python packages are not installed yet: see Set-up below."
-            else:
-                qt.QTimer.singleShot(0, self.refreshDevices)
-        self.timer.start()
+        if self.session.state.environment is None:
+            self.session.refresh()  # in the background
+        else:
+            self.session.refresh_runs()
 
     def exit(self) -> None:
-        self.timer.stop()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.showState)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self.session.scene_closed()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -183,196 +194,148 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.showState)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
-            self.updateButtons()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.showState)
+            self.session.set_workspace(self._parameterNode.runsFolder)
+            if self._parameterNode.selectedRun and Path(self._parameterNode.selectedRun).is_dir():
+                self.session.select(self._parameterNode.selectedRun)
+        self.showState()
 
-    # --- GUI state ------------------------------------------------------------------------------
+    # --- showing the session's state ------------------------------------------------------------
 
-    def _selected(self):
-        name = self._parameterNode.selectedRun if self._parameterNode else ""
-        return next((run for run in self._runs if run.path == name), None)
-
-    def updateButtons(self, caller=None, event=None) -> None:
+    def _data(self) -> tuple:
         p = self._parameterNode
-        run = self._selected()
-        hasData = bool(p and (_pathOrNone(p.dataPath) or p.useSceneVolumes or p.useSubmittedCases))
-        self.ui.startButton.enabled = hasData
-        self.ui.startButton.toolTip = "Start a new run" if hasData else "Choose data: a folder, scene volumes or cases"
-        self.ui.stopButton.enabled = bool(run and run.state == "running")
-        self.ui.resumeButton.enabled = bool(run and run.state in ("stopped", "failed", "done") and run.checkpoint)
-        self.ui.showCurvesButton.enabled = run is not None
-        self.ui.showCropsButton.enabled = bool(p and p.overlayVolume)
-        self.ui.showPositionsButton.enabled = bool(p and p.overlayVolume and run and run.checkpoint
-                                                   and run.kind == "pretrain")
-        self.ui.dataSummaryLabel.text = self._dataSummary()
+        return (p.dataPath or None, p.useSceneVolumes, p.useSubmittedCases) if p else (None, False, False)
 
-    def _dataSummary(self) -> str:
-        p = self._parameterNode
-        if not p:
-            return ""
-        parts = []
-        if _pathOrNone(p.dataPath):
-            parts.append(str(p.dataPath))
-        if p.useSceneVolumes:
-            parts.append(f"{len(self.logic.sceneVolumes())} scene volume(s)")
-        if p.useSubmittedCases:
-            parts.append(f"{self.logic.submittedCasesCount()} submitted case(s)")
-        return "Data: " + ", ".join(parts) if parts else "No data chosen yet."
+    def showState(self, caller=None, event=None) -> None:
+        p, state = self._parameterNode, self.session.state
+        if p and Path(p.runsFolder).expanduser().absolute() != self.session.runs.workspace:
+            self.session.set_workspace(p.runsFolder)
+        if p and self.ui.dataPathLineEdit.currentPath != p.dataPath:
+            self.ui.dataPathLineEdit.currentPath = p.dataPath
+        data = self._data()
+        buttons = self.session.buttons(has_data=any(data), volume_node=p.overlayVolume if p else None)
+        for widget, button in ((self.ui.startButton, buttons.start), (self.ui.stopButton, buttons.stop),
+                               (self.ui.resumeButton, buttons.resume), (self.ui.showCurvesButton, buttons.curves),
+                               (self.ui.showCropsButton, buttons.crops),
+                               (self.ui.showPositionsButton, buttons.positions)):
+            widget.enabled = button.enabled
+            widget.toolTip = button.tooltip
+        self.ui.dataSummaryLabel.text = self.session.data_summary(*data)
+        self.ui.progressBar.value = int(round(100 * state.fraction))
+        self.ui.statusLabel.text = state.status
+        self.ui.positionsLabel.text = state.overlay_status
+        self._showRuns(state.runs, state.selected)
+        self._showDevices(state.devices)
 
-    def refreshRuns(self) -> None:
-        if self._parameterNode:
-            self.logic.setWorkspace(self._parameterNode.runsFolder)
-        self._runs = self.logic.listRuns()
+    def _showRuns(self, runs, selected) -> None:
+        rows = [(r.path, r.name, r.state, f"{r.step or 0} / {r.total}" if r.total else str(r.step or ""),
+                 f"{r.loss:.4f}" if r.loss is not None else "", r.message or r.path) for r in runs]
+        if (rows, selected) == self._shownRuns:
+            return
+        self._shownRuns = (rows, selected)
         table = self.ui.runsTableWidget
-        selected = self._parameterNode.selectedRun if self._parameterNode else ""
         table.blockSignals(True)
-        table.setRowCount(len(self._runs))
-        for row, run in enumerate(self._runs):
-            step = f"{run.step or 0} / {run.total}" if run.total else str(run.step or "")
-            loss = f"{run.loss:.4f}" if run.loss is not None else ""
-            for column, text in enumerate((run.name, run.state, step, loss)):
+        table.setRowCount(len(rows))
+        for row, (path, *texts, tip) in enumerate(rows):
+            for column, text in enumerate(texts):
                 item = qt.QTableWidgetItem(text)
-                item.setToolTip(run.message or run.path)
+                item.setToolTip(tip)
                 table.setItem(row, column, item)
-            if run.path == selected:
+            if path == selected:
                 table.selectRow(row)
         table.blockSignals(False)
-        self.updateButtons()
 
-    def refreshDevices(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Failed to ask the engine for devices.", waitCursor=True):
-            devices, message = self.logic.devices()
-            self._devices = devices
-            self.ui.deviceComboBox.blockSignals(True)
-            self.ui.deviceComboBox.clear()
-            for device in devices:
-                self.ui.deviceComboBox.addItem(device.title)
-            ids = [d.id for d in devices]
-            wanted = self._parameterNode.device if self._parameterNode else "auto"
-            self.ui.deviceComboBox.currentIndex = ids.index(wanted) if wanted in ids else 0
-            self.ui.deviceComboBox.blockSignals(False)
-            self.onDeviceSelected(self.ui.deviceComboBox.currentIndex)
-            if message:
-                self.ui.statusLabel.text = message
+    def _showDevices(self, devices) -> None:
+        shown = [(d.id, d.title) for d in devices]
+        if shown == self._shownDevices or not shown:
+            return
+        self._shownDevices = shown
+        combo = self.ui.deviceComboBox
+        combo.blockSignals(True)
+        combo.clear()
+        for _, title in shown:
+            combo.addItem(title)
+        ids = [i for i, _ in shown]
+        wanted = self._parameterNode.device if self._parameterNode else "auto"
+        combo.currentIndex = ids.index(wanted) if wanted in ids else 0
+        combo.blockSignals(False)
+        self.onDeviceSelected(combo.currentIndex)
 
     # --- user actions ---------------------------------------------------------------------------
 
+    def onDataPathChanged(self, path) -> None:
+        if self._parameterNode:
+            self._parameterNode.dataPath = "" if path in ("", ".") else path
+
     def onDeviceSelected(self, index) -> None:
-        if self._parameterNode and 0 <= index < len(self._devices):
-            self._parameterNode.device = self._devices[index].id
+        devices = self.session.state.devices
+        if self._parameterNode and 0 <= index < len(devices):
+            self._parameterNode.device = devices[index].id
+
+    def onRefreshRuns(self) -> None:
+        self.session.refresh_runs()
 
     def onRunSelected(self) -> None:
         rows = sorted({index.row() for index in self.ui.runsTableWidget.selectedIndexes()})
-        if rows and rows[0] < len(self._runs) and self._parameterNode:
-            self._parameterNode.selectedRun = self._runs[rows[0]].path
-            with slicer.util.tryWithErrorDisplay("Failed to load the run's curves."):
-                self.logic.curves(self._parameterNode.selectedRun)
-        self.updateButtons()
-
-    def onInstallDependencies(self) -> None:
-        import VoCoDependencies
-
-        with slicer.util.tryWithErrorDisplay("Failed to install VoCo's Python dependencies.", waitCursor=True):
-            if VoCoDependencies.ensureDependencies():
-                self.refreshDevices()
-
-    def _dependenciesReady(self) -> bool:
-        import VoCoDependencies
-
-        with slicer.util.tryWithErrorDisplay("Failed to install VoCo's Python dependencies.", waitCursor=True):
-            return VoCoDependencies.ensureDependencies()
-        return False
+        runs = self.session.state.runs
+        if rows and rows[0] < len(runs) and self._parameterNode:
+            self._parameterNode.selectedRun = runs[rows[0]].path
+            self.session.select(runs[rows[0]].path)
 
     def onStart(self) -> None:
-        if not self._dependenciesReady():
-            return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Failed to start pretraining.", waitCursor=True):
-            self.logic.setWorkspace(p.runsFolder)
-            data = self.logic.collectData(_pathOrNone(p.dataPath), p.useSceneVolumes, p.useSubmittedCases)
-            run = self.logic.start(data, preset=p.preset, backbone=p.backbone, steps=p.steps, batchSize=p.batchSize,
-                                   device=p.device, name=p.runName or None)
+        with slicer.util.tryWithErrorDisplay("Failed to start pretraining."):
+            data = self.session.collect_data(*self._data())
+            run = self.session.start(data, preset=p.preset, backbone=p.backbone, steps=p.steps, batch_size=p.batchSize,
+                                     device=p.device, name=p.runName or None)
             p.selectedRun = str(run)
-            self.logic.showCurves(run)
-            self.ui.statusLabel.text = f"started {Path(run).name}"
-            self.refreshRuns()
-            self.timer.start()
+            self._chartWanted = True
 
     def onStop(self) -> None:
-        run = self._selected()
-        with slicer.util.tryWithErrorDisplay("Failed to stop the run.", waitCursor=True):
-            if run and self.logic.stop(run.path):
-                self.ui.statusLabel.text = f"stopping {run.name}: it saves a checkpoint first"
-            self.refreshRuns()
+        with slicer.util.tryWithErrorDisplay("Failed to stop the run."):
+            self.session.stop()
 
     def onResume(self) -> None:
-        run = self._selected()
-        if not run or not self._dependenciesReady():
-            return
-        with slicer.util.tryWithErrorDisplay("Failed to resume the run.", waitCursor=True):
-            steps = self._parameterNode.steps if self._parameterNode.steps > (run.total or 0) else None
-            self.logic.resume(run.path, steps=steps)
-            self.ui.statusLabel.text = f"resumed {run.name}"
-            self.refreshRuns()
-            self.timer.start()
+        with slicer.util.tryWithErrorDisplay("Failed to resume the run."):
+            self.session.resume(steps=self._parameterNode.steps, device=self._parameterNode.device)
 
     def onShowCurves(self) -> None:
-        run = self._selected()
-        if run:
-            with slicer.util.tryWithErrorDisplay("Failed to show the curves."):
-                self.logic.showCurves(run.path)
+        self._chartWanted = True
+        if self.session.curves is not None and self.session.curves.in_scene():
+            self.onCurvesReady(self.session.curves)
 
     def onShowCrops(self) -> None:
         p = self._parameterNode
-        if not self._dependenciesReady():
-            return
-        with slicer.util.tryWithErrorDisplay("Failed to compute the crop layout.", waitCursor=True):
-            layout = self.logic.showCropLayout(p.overlayVolume, preset=p.preset)
-            self.ui.statusLabel.text = (f"crop layout ({p.preset}): {len(layout.bases)} base crops, "
-                                        f"{len(layout.targets)} targets")
+        with slicer.util.tryWithErrorDisplay("Failed to compute the crop layout."):
+            self.session.crop_layout(p.overlayVolume, preset=p.preset)
 
     def onShowPositions(self) -> None:
         p = self._parameterNode
-        run = self._selected()
-        if not run or not self._dependenciesReady():
-            return
-        with slicer.util.tryWithErrorDisplay("Failed to predict positions.", waitCursor=True):
-            nodes = self.logic.showPositions(p.overlayVolume, run.path, target=p.target, device=p.device)
-            errors = [t.get("mean_abs_error") for t in nodes.positions.get("targets", [])]
-            errors = [e for e in errors if e is not None]
-            mean = sum(errors) / len(errors) if errors else float("nan")
-            self.ui.positionsLabel.text = (f"{len(errors)} targets, mean absolute overlap error {mean:.3f}; "
-                                           f"heat map: target {nodes.heatmap_target}")
+        with slicer.util.tryWithErrorDisplay("Failed to predict positions."):
+            self.session.positions(p.overlayVolume, target=p.target, device=p.device)
 
-    # --- polling --------------------------------------------------------------------------------
+    def onInstallDependencies(self) -> None:
+        environment = self.session.state.environment
+        with slicer.util.tryWithErrorDisplay("Failed to install VoCo's Python dependencies.", waitCursor=True):
+            if environment is not None and dependencies.install(environment.missing):
+                self.session.refresh()
 
-    def onPoll(self) -> None:
-        try:
-            new = self.logic.lib.update_curves()
-        except Exception as exc:  # a broken run folder must not stop the timer
-            logging.warning(f"VoCo: reading run events failed: {exc}")
-            new = {}
-        self._ticks += 1
-        if new or self._ticks % RUNS_REFRESH_TICKS == 0:
-            self.refreshRuns()
-        run = self._selected()
-        if run is None:
-            self.ui.progressBar.value = 0
-            return
-        total = run.total or 0
-        self.ui.progressBar.value = int(100 * (run.step or 0) / total) if total else 0
-        status = f"{run.name}: {run.state}"
-        if run.step is not None and total:
-            status += f", step {run.step} of {total}"
-        if run.loss is not None:
-            status += f", loss {run.loss:.4f}"
-        if run.message:
-            status += f" ({run.message})"
-        self.ui.statusLabel.text = status
+    # --- what the session reports ---------------------------------------------------------------
+
+    def onCurvesReady(self, curves) -> None:
+        if self._chartWanted:
+            self._chartWanted = False
+            self.logic.showCurves(curves)
+
+    def onOverlayReady(self, kind, nodes, volumeNode) -> None:
+        self.logic.showOverlay(kind, nodes, volumeNode)
+
+    def onError(self, message) -> None:
+        slicer.util.errorDisplay(f"VoCo: {message}")
 
 
 def ctkPathFilters(folders=False):
@@ -390,112 +353,42 @@ def ctkPathFilters(folders=False):
 
 
 class VoCoPretrainLogic(ScriptedLoadableModuleLogic):
-    """Thin: delegates to ``VoCoPretrainLib.PretrainLogic`` (runs, curves, overlays).
+    """The module's session and how its results are shown in Slicer's views.
 
     Example (Slicer's Python console)::
 
-        logic = VoCoPretrainLogic()
-        run = logic.start([getNode("MRHead")], steps=50, device="cpu")
-        logic.showCurves(run)
+        logic = slicer.modules.vocopretrain.widgetRepresentation().self().logic
+        run = logic.session.start([getNode("MRHead")], steps=50, device="cpu")
     """
 
-    def __init__(self, workspace=None) -> None:
+    def __init__(self, session=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.setWorkspace(workspace or vocoHome() / "runs")
-
-    def setWorkspace(self, workspace) -> None:
-        import VoCoDependencies
-        from VoCoPretrainLib.logic import PretrainLogic
-
-        workspace = Path(workspace)
-        if getattr(self, "lib", None) is not None and self.lib.workspace == workspace:
-            return
-        engineDir = VoCoDependencies.engineDir()
-        python = VoCoDependencies.engineInterpreter()
-
-        def runner(args):
-            from VoCoSegmentationLib.process import EngineProcess
-
-            return EngineProcess(list(args), python=python, engine_dir=str(engineDir) if engineDir else None)
-
-        self.lib = PretrainLogic(workspace, runner_factory=runner)
+        self.session = session or PretrainSession()
 
     def getParameterNode(self):
         return VoCoPretrainParameterNode(super().getParameterNode())
 
-    # --- data -----------------------------------------------------------------------------------
-
-    def sceneVolumes(self) -> list:
-        """Scalar volumes of the scene that are images (not VoCo's own heat maps)."""
-        nodes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-        # Overlays made by VoCoPretrainLib carry a "VoCo.overlay" attribute; they are results, not data.
-        return [n for n in nodes if not n.IsA("vtkMRMLLabelMapVolumeNode") and not n.GetAttribute("VoCo.overlay")]
-
-    def submittedCasesDataset(self) -> Path:
-        return vocoHome() / "training-set" / "dataset.json"
-
-    def submittedCasesCount(self) -> int:
-        from VoCoSegmentationLib import TrainingSet
-
-        return TrainingSet(self.submittedCasesDataset().parent).count
-
-    def collectData(self, dataPath=None, useSceneVolumes=False, useSubmittedCases=False) -> list:
-        data = [str(dataPath)] if dataPath else []
-        if useSceneVolumes:
-            data += self.sceneVolumes()
-        if useSubmittedCases and self.submittedCasesDataset().is_file():
-            data.append(str(self.submittedCasesDataset()))
-        if not data:
-            raise ValueError("no data: choose a folder or dataset.json, scene volumes, or submitted cases")
-        return data
-
-    # --- runs -----------------------------------------------------------------------------------
-
-    def devices(self):
-        import VoCoDependencies
-        from VoCoSegmentationLib import SegmentationLogic
-
-        return SegmentationLogic(python=VoCoDependencies.engineInterpreter()).devices()
-
-    def start(self, data, preset="demo", backbone="swinunetr-tiny", steps=200, batchSize=1, device="auto", name=None):
-        """Start pretraining; returns the run folder."""
-        return self.lib.start_pretraining(data, preset=preset, backbone=backbone, steps=steps, name=name,
-                                          batch_size=batchSize, device=device)
-
-    def stop(self, run) -> bool:
-        return self.lib.stop(run)
-
-    def resume(self, run, steps=None):
-        return self.lib.resume(run, steps=steps)
-
-    def listRuns(self) -> list:
-        return self.lib.list_runs()
-
-    def curves(self, run):
-        return self.lib.curves_for(run)
-
-    def showCurves(self, run):
-        """Show the run's chart in the layout's plot view."""
-        curves = self.lib.curves_for(run)
+    def showCurves(self, curves) -> None:
+        """The run's chart in the layout's plot view."""
         slicer.modules.plots.logic().ShowChartInLayout(curves.chart)
-        return curves
 
-    # --- overlays -------------------------------------------------------------------------------
+    def showOverlay(self, kind, nodes, volumeNode) -> None:
+        """Crop layout: the base-index labelmap over the volume; positions: the heat map in front."""
+        if kind == "crops":
+            slicer.util.setSliceViewerLayers(background=volumeNode, label=nodes.labelmap, labelOpacity=0.3, fit=True)
+        else:
+            slicer.util.setSliceViewerLayers(background=volumeNode, foreground=nodes.heatmap,
+                                             foregroundOpacity=nodes.display.get("foreground_opacity", 0.5))
 
-    def showCropLayout(self, volumeNode, preset="demo", seed=0):
-        """Base-crop labelmap and base/target boxes over the volume (``voco crops``)."""
-        layout = self.lib.crop_layout(volumeNode, preset=preset, seed=seed, prefix=f"{volumeNode.GetName()} ")
-        slicer.util.setSliceViewerLayers(background=volumeNode, label=layout.labelmap, labelOpacity=0.3, fit=True)
-        return layout
-
-    def showPositions(self, volumeNode, run, target=0, device="auto", seed=0):
-        """Predicted overlaps of the targets with each base (``voco positions``); the chosen target's
-        heat map goes into the foreground layer."""
-        nodes = self.lib.position_predictions(volumeNode, run, seed=seed, target=target, device=device,
-                                              prefix=f"{volumeNode.GetName()} ")
-        slicer.util.setSliceViewerLayers(background=volumeNode, foreground=nodes.heatmap,
-                                         foregroundOpacity=nodes.display.get("foreground_opacity", 0.5))
-        return nodes
+    def waitFor(self, condition, timeout=900) -> None:
+        """Tick the session until ``condition()`` (console, self-test). Blocks: not for the GUI."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError("timed out waiting for the engine")
+            self.session.tick()
+            slicer.app.processEvents()
+            time.sleep(0.05)
 
 
 #
@@ -505,39 +398,60 @@ class VoCoPretrainLogic(ScriptedLoadableModuleLogic):
 
 class VoCoPretrainTest(ScriptedLoadableModuleTest):
     """Crop layout on a synthetic volume, a 2-step pretraining run with curves, and position
-    predictions from its checkpoint, all on the CPU with the tiny backbone (a few minutes)."""
+    predictions from its checkpoint, all on the CPU with the tiny backbone (a few minutes).
+
+    Slicer's Reload and Test calls ``runTest`` directly, outside unittest: the test says why it
+    does not run instead of skipping, and cleans up in ``finally``."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_crop_layout_overlay()
-        self.setUp()
-        self.test_two_step_pretraining_curves_and_positions()
+        if UNSUPPORTED:
+            self.delayDisplay(f"Not run: {UNSUPPORTED}")
+            return
+        self.tempDir = Path(tempfile.mkdtemp(prefix="VoCoPretrainTest-"))
+        try:
+            self.logic = VoCoPretrainLogic()
+            self.logic.session.set_workspace(self.tempDir / "runs")
+            self.logic.session.refresh()
+            self.logic.waitFor(lambda: self.logic.session.state.environment is not None, timeout=300)
+            environment = self.logic.session.state.environment
+            if not environment.ready:
+                self.delayDisplay("Not run: VoCo's Python packages are not installed (Set-up > Check and install "
+                                  f"dependencies): {environment.message}")
+                return
+            self.setUp()
+            self.test_crop_layout_overlay()
+            self.setUp()
+            self.test_two_step_pretraining_curves_and_positions()
+        finally:
+            shutil.rmtree(self.tempDir, ignore_errors=True)
 
-    def _prepare(self):
+    def _phantom(self):
         import numpy as np
 
-        import VoCoDependencies
-
-        if VoCoDependencies.torchMissing() or VoCoDependencies.missingRequirements():
-            self.skipTest("VoCo's dependencies are not installed (Set-up > Check and install dependencies)")
-        self.tempDir = Path(tempfile.mkdtemp(prefix="VoCoPretrainTest-"))
-        self.addCleanup(shutil.rmtree, self.tempDir, True)
         # 64 x 96 x 96 voxels of 1.5 mm: nested ellipsoids with noise, an image with structure to contrast.
         k, j, i = np.mgrid[:64, :96, :96].astype(np.float32)
         r = ((k - 32) / 28) ** 2 + ((j - 48) / 40) ** 2 + ((i - 48) / 42) ** 2
         array = 300 * (r < 1) + 400 * (r < 0.4) + np.random.default_rng(0).normal(0, 10, r.shape)
-        volume = slicer.util.addVolumeFromArray(array.astype(np.int16), ijkToRAS=np.diag([1.5, 1.5, 1.5, 1.0]),
-                                                name="VoCoSelfTestPhantom")
-        return volume, VoCoPretrainLogic(workspace=self.tempDir / "runs")
+        return slicer.util.addVolumeFromArray(array.astype(np.int16), ijkToRAS=np.diag([1.5, 1.5, 1.5, 1.0]),
+                                              name="VoCoSelfTestPhantom")
+
+    def _overlay(self, start):
+        shown = []
+        self.logic.session.overlayReady.connect(lambda kind, nodes, volume: shown.append(nodes))
+        job = start()
+        self.logic.waitFor(lambda: job.finished)
+        self.assertTrue(job.succeeded, job.error)
+        self.logic.showOverlay(job.kind, job.nodes, job.volume_node)
+        return job.nodes
 
     def test_crop_layout_overlay(self):
         import numpy as np
 
-        volume, logic = self._prepare()
-        layout = logic.showCropLayout(volume, preset="demo")
+        volume = self._phantom()
+        layout = self._overlay(lambda: self.logic.session.crop_layout(volume, preset="demo"))
         self.assertGreaterEqual(len(layout.bases), 4)
         self.assertGreaterEqual(len(layout.targets), 1)
         labels = slicer.util.arrayFromVolume(layout.labelmap)
@@ -547,20 +461,22 @@ class VoCoPretrainTest(ScriptedLoadableModuleTest):
         self.delayDisplay(f"Crop layout: {len(layout.bases)} bases, {len(layout.targets)} targets")
 
     def test_two_step_pretraining_curves_and_positions(self):
-        volume, logic = self._prepare()
-        run = logic.start([volume], preset="demo", backbone="swinunetr-tiny", steps=2, device="cpu",
-                          name="selftest")
-        state = logic.lib.runs.wait(run, timeout=900)
-        info = logic.lib.info(run)
-        self.assertEqual(state, "done", info.message)
+        volume = self._phantom()
+        session = self.logic.session
+        run = session.start([volume], preset="demo", backbone="swinunetr-tiny", steps=2, device="cpu",
+                            name="selftest")
+        self.logic.waitFor(lambda: session.state.run(run) is not None and session.state.run(run).state != "running"
+                           and session.state.job is None)
+        info = session.state.run(run)
+        self.assertEqual(info.state, "done", info.message)
         self.assertEqual(info.step, 2)
         self.assertIsNotNone(info.checkpoint)
-        curves = logic.showCurves(run)
-        self.assertGreaterEqual(curves.loss_table.GetNumberOfRows(), 1)
-        self.assertGreaterEqual(curves.chart.GetNumberOfPlotSeriesNodes(), 1)
+        self.logic.waitFor(lambda: session.curves is not None and session.curves.loss_table.GetNumberOfRows() >= 1)
+        self.assertGreaterEqual(session.curves.chart.GetNumberOfPlotSeriesNodes(), 1)
+        self.logic.showCurves(session.curves)
         self.delayDisplay("Pretrained 2 steps; curves plotted")
 
-        nodes = logic.showPositions(volume, run, target=0, device="cpu")
+        nodes = self._overlay(lambda: session.positions(volume, run, target=0, device="cpu"))
         self.assertEqual(slicer.util.arrayFromVolume(nodes.heatmap).shape, slicer.util.arrayFromVolume(volume).shape)
         targets = nodes.positions["targets"]
         self.assertGreaterEqual(len(targets), 1)

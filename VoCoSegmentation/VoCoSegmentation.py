@@ -1,16 +1,20 @@
 """VoCo Segmentation: segment a volume with a VoCo model, correct it, add it to the training set,
 fine-tune the model on the collected cases and see whether its validation Dice improves.
 
-The engine (``python -m voco``) always runs in its own process; this module writes the volume to
-a temporary file, shows the job's progress events, and loads the label map as a segmentation.
-The work is done by ``VoCoSegmentationLib`` (Qt-free, tested on slicer-core); the classes here
-only connect the GUI, the parameter node and that logic.
+The widget is a view of ``VoCoSegmentationLib.session.SegmentationSession`` (Qt-free, tested
+on slicer-core): each handler reads the inputs from the parameter node, calls the session once,
+and ``showState`` shows what the session decided. The engine (``python -m voco``) always runs
+in its own process; the GUI thread only polls it from a QTimer.
 """
 
+from __future__ import annotations
+
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -26,13 +30,12 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+from VoCoCommonLib.release import slicer_unsupported_message
 
-POLL_INTERVAL_MS = 200
-
-
-def vocoHome() -> Path:
-    """Where the module keeps the training set and fine-tuning runs ($VOCO_SLICER_HOME, else ~/VoCo)."""
-    return Path(os.environ.get("VOCO_SLICER_HOME") or Path.home() / "VoCo")
+UNSUPPORTED = slicer_unsupported_message()  # None on Slicer 5.10+; the Libs need its Python 3.12
+if not UNSUPPORTED:
+    from VoCoCommonLib import dependencies
+    from VoCoSegmentationLib.session import POLL_INTERVAL_MS, SegmentationSession
 
 
 #
@@ -45,9 +48,9 @@ class VoCoSegmentation(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "VoCo Segmentation"
         self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["VoCoCommon"]
         self.parent.contributors = ["VoCo for 3D Slicer developers"]
-        self.parent.helpText = """
+        self.parent.helpText = (UNSUPPORTED or "") + """
 Segment a volume with a VoCo model (published, imported, or fine-tuned here) on the CPU or a GPU.
 The engine runs in a separate process: Slicer stays responsive and <b>Apply</b> turns into
 <b>Cancel</b> while it works. Correct the result with Segment Editor, then <b>Add to training set</b>
@@ -58,6 +61,8 @@ See the <a href="https://github.com/voco-slicer/SlicerVoCo#3d-slicer-extension">
 Built on VoCo (Wu et al., "VoCo: A Simple-yet-Effective Volume Contrastive Learning Framework for
 3D Medical Image Analysis", CVPR 2024), MONAI and PyTorch.
 """
+        if UNSUPPORTED:
+            logging.error(UNSUPPORTED)
 
 
 #
@@ -97,22 +102,31 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.session = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None  # the running engine job (segment, fine-tune or import), polled by the timer
-        self._models = []  # ModelEntry list behind modelComboBox
+        self._shownModels = None   # what the combo boxes show, so they are rebuilt only when it changes
+        self._shownDevices = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        if UNSUPPORTED:
+            self.layout.addWidget(qt.QLabel(UNSUPPORTED))
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/VoCoSegmentation.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = VoCoSegmentationLogic()
+        self.session = self.logic.session
+        self.session.changed.connect(self.showState)
+        self.session.resultReady.connect(self.onResultReady)
+        self.session.errorOccurred.connect(self.onError)
+        self.session.modelSelected.connect(self.onNewModelVersion)
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_INTERVAL_MS)
-        self.timer.timeout.connect(self.onPoll)
+        self.timer.connect("timeout()", self.session.tick)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -122,39 +136,37 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceSelected)
+        self.ui.showIn3DButton.connect("clicked(bool)", self.onShowIn3D)
         self.ui.addToTrainingSetButton.connect("clicked(bool)", self.onAddToTrainingSet)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
-        self.ui.progressBar.setVisible(False)
 
         self.initializeParameterNode()
-        self.updateTrainingSetLabel()
+        self.timer.start()
 
     def cleanup(self) -> None:
+        if self.session is None:
+            return
         self.timer.stop()
-        if self._job is not None and not self._job.finished:
-            self.logic.cancel(self._job)
+        self.session.close()
         self.removeObservers()
 
     def enter(self) -> None:
+        if self.session is None:
+            return
         self.initializeParameterNode()
-        if not self._models:
-            import VoCoDependencies
-
-            if VoCoDependencies.torchMissing() or VoCoDependencies.missingRequirements():
-                self.ui.statusLabel.text = "VoCo's Python packages are not installed yet: see Set-up below."
-            else:
-                # First visit: fill the model and device lists (asks the engine's Python; a few seconds).
-                qt.QTimer.singleShot(0, self.onRefreshModels)
+        if self.session.state.environment is None or not self.session.state.models:
+            self.session.refresh()  # in the background: the lists fill in when the engine answers
 
     def exit(self) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.showState)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self.session.scene_closed()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -171,204 +183,163 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.showState)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             # Widgets with a SlicerParameterName property in the .ui are bound to the fields of the same name.
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
-            self.updateButtons()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.showState)
+        self.showState()
 
-    # --- GUI state ------------------------------------------------------------------------------
+    # --- showing the session's state ------------------------------------------------------------
 
-    def _busy(self) -> bool:
-        return self._job is not None and not self._job.finished
-
-    def updateButtons(self, caller=None, event=None) -> None:
-        p = self._parameterNode
-        busy = self._busy()
-        segmenting = busy and self._job.kind == "segment"
-        ready = bool(p and p.inputVolume and p.model)
-        self.ui.applyButton.text = "Cancel" if segmenting else "Apply"
-        self.ui.applyButton.enabled = segmenting or (ready and not busy)
-        self.ui.applyButton.toolTip = ("Stop the segmentation" if segmenting else
-                                       "Segment the input volume" if ready else "Select an input volume and a model")
-        self.ui.finetuneButton.text = "Cancel fine-tuning" if busy and self._job.kind == "finetune" else "Fine-tune"
-        self.ui.finetuneButton.enabled = (busy and self._job.kind == "finetune") or (not busy and bool(p and p.model))
-        self.ui.addToTrainingSetButton.enabled = bool(p and p.inputVolume and p.outputSegmentation) and not segmenting
+    def showState(self, caller=None, event=None) -> None:
+        state, p = self.session.state, self._parameterNode
+        buttons = self.session.buttons(p.inputVolume if p else None, p.model if p else None,
+                                       p.outputSegmentation if p else None)
+        for widget, button in ((self.ui.applyButton, buttons.apply), (self.ui.finetuneButton, buttons.finetune),
+                               (self.ui.addToTrainingSetButton, buttons.add)):
+            widget.text = button.text
+            widget.enabled = button.enabled
+            widget.toolTip = button.tooltip
         for widget in (self.ui.modelComboBox, self.ui.refreshModelsButton, self.ui.importModelButton,
                        self.ui.deviceComboBox):
-            widget.enabled = not busy
+            widget.enabled = buttons.choose
+        self.ui.showIn3DButton.enabled = bool(p and p.outputSegmentation)
+        self.ui.progressBar.visible = state.job is not None
+        self.ui.progressBar.value = int(round(100 * state.fraction))
+        self.ui.statusLabel.text = state.status
+        self.ui.trainingSetLabel.text = (f"Training set: {state.training_set_count} case"
+                                         f"{'s' * (state.training_set_count != 1)} in {self.session.training_set.folder}")
+        self._showModels(state.segmentation_models, state.models_loading)
+        self._showDevices(state.devices)
 
-    def updateTrainingSetLabel(self) -> None:
-        count = self.logic.trainingSet().count
-        self.ui.trainingSetLabel.text = (f"Training set: {count} case{'s' * (count != 1)} in "
-                                         f"{self.logic.trainingSet().folder}")
-
-    def _showModels(self, models) -> None:
-        self._models = [m for m in models if m.usable]
+    def _showModels(self, models, loading: bool) -> None:
+        shown = [(m.spec, m.title) for m in models]
+        if shown == self._shownModels:
+            return
+        self._shownModels = shown
+        combo = self.ui.modelComboBox
+        combo.blockSignals(True)
+        combo.clear()
+        for _, title in shown:
+            combo.addItem(title)
+        specs = [spec for spec, _ in shown]
         wanted = self._parameterNode.model if self._parameterNode else ""
-        self.ui.modelComboBox.blockSignals(True)
-        self.ui.modelComboBox.clear()
-        for entry in self._models:
-            self.ui.modelComboBox.addItem(entry.title)
-        specs = [m.spec for m in self._models]
-        names = [m.name for m in self._models]
-        index = specs.index(wanted) if wanted in specs else names.index(wanted) if wanted in names else 0
-        self.ui.modelComboBox.currentIndex = index if self._models else -1
-        self.ui.modelComboBox.blockSignals(False)
-        self.onModelSelected(self.ui.modelComboBox.currentIndex)
-
+        combo.currentIndex = specs.index(wanted) if wanted in specs else (0 if specs else -1)
+        combo.blockSignals(False)
+        self.onModelSelected(combo.currentIndex)
         table = self.ui.modelsTableWidget
-        table.setRowCount(len(self._models))
-        for row, entry in enumerate(self._models):
+        table.setRowCount(len(models))
+        for row, entry in enumerate(models):
             dice = f"{entry.dice:.3f}" if entry.dice is not None else "—"
             if entry.previous_dice is not None:
                 dice += f" (v{entry.previous_version}: {entry.previous_dice:.3f})"
             for column, text in enumerate((entry.name, str(entry.version), dice)):
                 table.setItem(row, column, qt.QTableWidgetItem(text))
 
-    def _showDevices(self, devices, message) -> None:
+    def _showDevices(self, devices) -> None:
+        shown = [(d.id, d.title) for d in devices]
+        if shown == self._shownDevices or not shown:
+            return
+        self._shownDevices = shown
+        combo = self.ui.deviceComboBox
+        combo.blockSignals(True)
+        combo.clear()
+        for _, title in shown:
+            combo.addItem(title)
+        ids = [i for i, _ in shown]
         wanted = self._parameterNode.device if self._parameterNode else "auto"
-        self._devices = devices
-        self.ui.deviceComboBox.blockSignals(True)
-        self.ui.deviceComboBox.clear()
-        for device in devices:
-            self.ui.deviceComboBox.addItem(device.title)
-        ids = [d.id for d in devices]
-        self.ui.deviceComboBox.currentIndex = ids.index(wanted) if wanted in ids else 0
-        self.ui.deviceComboBox.blockSignals(False)
-        self.onDeviceSelected(self.ui.deviceComboBox.currentIndex)
-        self.ui.deviceComboBox.toolTip = message or "Where the engine runs"
-        if message:
-            self.ui.statusLabel.text = message
+        combo.currentIndex = ids.index(wanted) if wanted in ids else 0
+        combo.blockSignals(False)
+        self.onDeviceSelected(combo.currentIndex)
+        environment = self.session.state.environment
+        combo.toolTip = environment.message if environment and environment.message else "Where the engine runs"
 
     # --- user actions ---------------------------------------------------------------------------
 
     def onModelSelected(self, index) -> None:
-        if self._parameterNode and 0 <= index < len(self._models):
-            self._parameterNode.model = self._models[index].spec
+        models = self.session.state.segmentation_models
+        if self._parameterNode and 0 <= index < len(models):
+            self._parameterNode.model = models[index].spec
 
     def onDeviceSelected(self, index) -> None:
-        devices = getattr(self, "_devices", [])
+        devices = self.session.state.devices
         if self._parameterNode and 0 <= index < len(devices):
             self._parameterNode.device = devices[index].id
 
+    def onNewModelVersion(self, spec) -> None:
+        if self._parameterNode:
+            self._parameterNode.model = spec
+        self._shownModels = None
+        self.showState()
+
     def onRefreshModels(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Failed to list VoCo models.", waitCursor=True):
-            self._showModels(self.logic.models())
-            self._showDevices(*self.logic.devices())
-
-    def onInstallDependencies(self) -> None:
-        import VoCoDependencies
-
-        with slicer.util.tryWithErrorDisplay("Failed to install VoCo's Python dependencies.", waitCursor=True):
-            if VoCoDependencies.ensureDependencies():
-                self.ui.dependenciesLabel.text = "All dependencies are installed."
-                self.onRefreshModels()
-
-    def _dependenciesReady(self) -> bool:
-        import VoCoDependencies
-
-        with slicer.util.tryWithErrorDisplay("Failed to install VoCo's Python dependencies.", waitCursor=True):
-            return VoCoDependencies.ensureDependencies()
-        return False
+        self.session.refresh_models()
 
     def onApplyButton(self) -> None:
-        if self._busy() and self._job.kind == "segment":
-            self.ui.statusLabel.text = "cancelling..."
-            with slicer.util.tryWithErrorDisplay("Failed to cancel the segmentation.", waitCursor=True):
-                self.logic.cancel(self._job)
-            self._jobEnded()
-            return
-        if not self._dependenciesReady():
-            return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Failed to start the segmentation.", waitCursor=True):
-            self._startJob(self.logic.segment(p.inputVolume, p.model, device=p.device, fast=p.fast, tta=p.tta,
-                                              roiNode=p.roi))
+        with slicer.util.tryWithErrorDisplay("Failed to start the segmentation."):
+            if self.session.state.job == "segment":
+                self.session.cancel()
+            else:
+                self.session.segment(p.inputVolume, p.model, device=p.device, fast=p.fast, tta=p.tta, roi_node=p.roi,
+                                     output_node=p.outputSegmentation)
 
     def onImportModel(self) -> None:
-        path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Model package folder")
-        if not path:
-            path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Model package or checkpoint", "",
-                                                  "Models (*.zip *.pt *.pth *.ckpt);;All files (*)")
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Import a model: a package's model.json, "
+                                              "a package .zip or a checkpoint", "",
+                                              "Models (model.json *.zip *.pt *.pth *.ckpt);;All files (*)")
         if path:
-            with slicer.util.tryWithErrorDisplay("Failed to import the model.", waitCursor=True):
-                self._startJob(self.logic.importModel(path))
+            path = Path(path)
+            with slicer.util.tryWithErrorDisplay("Failed to import the model."):
+                self.session.import_model(path.parent if path.name == "model.json" else path)
+
+    def onShowIn3D(self) -> None:
+        node = self._parameterNode.outputSegmentation
+        if node is not None:
+            node.CreateClosedSurfaceRepresentation()  # Slicer's conversion, as Segment Editor's Show 3D
+            if node.GetDisplayNode():
+                node.GetDisplayNode().SetVisibility3D(True)
 
     def onAddToTrainingSet(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Failed to add the case to the training set.", waitCursor=True):
-            caseId = self.logic.addToTrainingSet(p.inputVolume, p.outputSegmentation, self._selectedModel())
-            self.updateTrainingSetLabel()
-            self.ui.statusLabel.text = f"added {caseId} to the training set"
-            if p.autoFinetune and self.logic.autoFinetuneDue(p.autoFinetuneEvery) and not self._busy():
-                self.ui.statusLabel.text += f"; {self.logic.trainingSet().count} cases: fine-tuning starts"
-                self.onFinetune()
+        with slicer.util.tryWithErrorDisplay("Failed to add the case to the training set."):
+            self.session.add_to_training_set(p.inputVolume, p.outputSegmentation, model=p.model,
+                                             auto_finetune_every=p.autoFinetuneEvery if p.autoFinetune else 0,
+                                             steps=p.finetuneSteps, device=p.device)
 
     def onFinetune(self) -> None:
-        if self._busy() and self._job.kind == "finetune":
-            with slicer.util.tryWithErrorDisplay("Failed to cancel fine-tuning.", waitCursor=True):
-                self.logic.cancel(self._job)
-            self._jobEnded()
-            return
-        if not self._dependenciesReady():
-            return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Failed to start fine-tuning.", waitCursor=True):
-            self._startJob(self.logic.finetune(self._selectedModel() or p.model, steps=p.finetuneSteps,
-                                               device=p.device))
+        with slicer.util.tryWithErrorDisplay("Failed to start fine-tuning."):
+            if self.session.state.finetuning:
+                self.session.stop_finetuning()
+            else:
+                self.session.finetune(self.session.model(p.model) or p.model, steps=p.finetuneSteps, device=p.device)
+
+    def onInstallDependencies(self) -> None:
+        environment = self.session.state.environment
+        with slicer.util.tryWithErrorDisplay("Failed to install VoCo's Python dependencies.", waitCursor=True):
+            if environment is None:
+                self.ui.dependenciesLabel.text = "Still asking the engine's Python what it has; try again in a moment."
+            elif dependencies.install(environment.missing):
+                self.ui.dependenciesLabel.text = "All dependencies are installed."
+                self.session.refresh()
 
     def onOpenModelsFolder(self) -> None:
-        folder = self.logic.modelsFolder()
+        folder = self.session.client.settings.models_dir
         folder.mkdir(parents=True, exist_ok=True)
         qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
 
-    def _selectedModel(self):
-        index = self.ui.modelComboBox.currentIndex
-        return self._models[index] if 0 <= index < len(self._models) else None
+    # --- what the session reports ---------------------------------------------------------------
 
-    # --- the running job ------------------------------------------------------------------------
+    def onResultReady(self, segmentationNode, volumeNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.outputSegmentation = segmentationNode
+        self.logic.showResult(segmentationNode, volumeNode)
 
-    def _startJob(self, job) -> None:
-        self._job = job
-        self.ui.progressBar.setVisible(True)
-        self.ui.progressBar.value = 0
-        self.ui.statusLabel.text = job.status
-        self.timer.start()
-        self.updateButtons()
-
-    def onPoll(self) -> None:
-        job = self._job
-        if job is None:
-            self.timer.stop()
-            return
-        job.update()
-        self.ui.progressBar.value = int(round(100 * job.fraction))
-        self.ui.statusLabel.text = job.status
-        if job.finished:
-            self._jobEnded()
-
-    def _jobEnded(self) -> None:
-        self.timer.stop()
-        job, self._job = self._job, None
-        if job is not None and job.finished and not job.cancelled:
-            with slicer.util.tryWithErrorDisplay(f"VoCo {job.kind} failed.", waitCursor=True):
-                if job.kind == "segment":
-                    node = self.logic.finish(job, outputNode=self._parameterNode.outputSegmentation)
-                    self._parameterNode.outputSegmentation = node
-                    self.logic.showResult(node, job.volume_node)
-                elif not job.succeeded:
-                    raise RuntimeError(job.error or f"{job.kind} failed")
-                else:
-                    self._parameterNode.model = getattr(job, "model_path", None) or self._parameterNode.model
-                    self._showModels(self.logic.models())
-            self.ui.statusLabel.text = job.status
-        elif job is not None and job.cancelled:
-            self.ui.statusLabel.text = "cancelled"
-        self.ui.progressBar.setVisible(False)
-        self.updateButtons()
+    def onError(self, message) -> None:
+        slicer.util.errorDisplay(f"VoCo: {message}")
 
 
 #
@@ -377,7 +348,7 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class VoCoSegmentationLogic(ScriptedLoadableModuleLogic):
-    """Thin: delegates to ``VoCoSegmentationLib.SegmentationLogic``, which runs the engine.
+    """The module's session, for the widget and the Python console.
 
     Example (Slicer's Python console)::
 
@@ -385,75 +356,36 @@ class VoCoSegmentationLogic(ScriptedLoadableModuleLogic):
         node = logic.process(getNode("MRHead"), "/path/to/model", device="cpu")
     """
 
-    def __init__(self, home=None) -> None:
+    def __init__(self, session=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        import VoCoDependencies
-        from VoCoSegmentationLib import SegmentationLogic
-
-        self.home = Path(home) if home else vocoHome()
-        engineDir = VoCoDependencies.engineDir()
-        self.lib = SegmentationLogic(python=VoCoDependencies.engineInterpreter(),
-                                     engine_dir=str(engineDir) if engineDir else None,
-                                     runs_folder=self.home / "finetune-runs")
+        self.session = session or SegmentationSession()
 
     def getParameterNode(self):
         return VoCoSegmentationParameterNode(super().getParameterNode())
 
-    def trainingSet(self):
-        from VoCoSegmentationLib import TrainingSet
-
-        return TrainingSet(self.home / "training-set")
-
-    def modelsFolder(self) -> Path:
-        return Path(os.environ.get("VOCO_MODELS_DIR") or Path.home() / ".cache" / "voco" / "models")
-
-    def models(self):
-        return self.lib.models()
-
-    def devices(self):
-        return self.lib.devices()
-
-    def segment(self, volumeNode, model, device="auto", fast=False, tta=False, roiNode=None):
-        return self.lib.segment(volumeNode, model, device=device, fast=fast, tta=tta, roi_node=roiNode)
-
-    def finish(self, job, outputNode=None, timeout=None):
-        """The result of a finished segmentation job; with ``outputNode`` its segments replace that
-        node's, so a chosen output node keeps its place in the scene (the Lib removes the temporary
-        node with its display node)."""
-        return self.lib.finish(job, timeout=timeout, output_node=outputNode)
-
-    def cancel(self, job) -> None:
-        self.lib.cancel(job)
-
     def showResult(self, segmentationNode, volumeNode) -> None:
-        """Show the volume in the slice views with the segmentation over it, and its 3D surfaces."""
+        """Show the volume in the slice views with the segmentation over it."""
         slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
         displayNode = segmentationNode.GetDisplayNode()
         if displayNode:
             displayNode.SetVisibility(True)
-            displayNode.SetVisibility3D(True)
 
-    def process(self, volumeNode, model, device="auto", fast=False, tta=False, roiNode=None, timeout=None):
-        """Segment and wait (console, tests): returns the segmentation node."""
-        return self.finish(self.segment(volumeNode, model, device, fast, tta, roiNode), timeout=timeout)
+    def process(self, volumeNode, model, device="auto", fast=False, tta=False, roiNode=None, timeout=600):
+        """Segment and wait (console, self-test): returns the segmentation node. Blocks: not for the GUI."""
+        job = self.session.segment(volumeNode, model, device=device, fast=fast, tta=tta, roi_node=roiNode)
+        self.waitFor(lambda: job.finished, timeout)
+        if not job.succeeded or job.node is None:
+            raise RuntimeError(job.error or job.status)
+        return job.node
 
-    def importModel(self, path):
-        """Start ``voco models import PATH``: a job like the others (poll it, or ``job.wait()``)."""
-        from VoCoSegmentationLib import Job
-
-        process = self.lib.runner_factory(["models", "import", str(path)], **self.lib.runner_options).start()
-        return Job(process=process, kind="import", status=f"importing {Path(path).name}")
-
-    def addToTrainingSet(self, volumeNode, segmentationNode, model=None) -> str:
-        labels = model.labels if model is not None and getattr(model, "labels", None) else None
-        return self.lib.add_to_training_set(self.trainingSet(), volumeNode, segmentationNode, labels=labels)
-
-    def autoFinetuneDue(self, every: int) -> bool:
-        count = self.trainingSet().count
-        return every > 0 and count > 0 and count % every == 0
-
-    def finetune(self, model, steps=300, device="auto"):
-        return self.lib.finetune(self.trainingSet(), model, steps=steps, device=device)
+    def waitFor(self, condition, timeout=600) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the engine is still running")
+            self.session.tick()
+            slicer.app.processEvents()
+            time.sleep(0.05)
 
 
 #
@@ -475,49 +407,65 @@ write_package(sys.argv[1], card, network.state_dict())
 
 
 class VoCoSegmentationTest(ScriptedLoadableModuleTest):
-    """Segments a small synthetic volume with a tiny model on the CPU (about a minute)."""
+    """Segments a small synthetic volume with a tiny model on the CPU (about a minute).
+
+    Slicer's Reload and Test calls ``runTest`` directly, outside unittest: a skip would be
+    reported as a failure and cleanups registered with ``addCleanup`` would never run, so the
+    test says why it does not run and cleans up in ``finally``."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_segment_whole_volume_and_roi()
-        self.setUp()
-        self.test_cancel_leaves_nothing()
-
-    def _prepare(self):
-        import numpy as np
-
-        import VoCoDependencies
-
-        if VoCoDependencies.torchMissing() or VoCoDependencies.missingRequirements():
-            self.skipTest("VoCo's dependencies are not installed (Set-up > Check and install dependencies)")
+        if UNSUPPORTED:
+            self.delayDisplay(f"Not run: {UNSUPPORTED}")
+            return
         self.tempDir = Path(tempfile.mkdtemp(prefix="VoCoSegmentationTest-"))
-        self.addCleanup(shutil.rmtree, self.tempDir, True)
+        try:
+            self.logic = VoCoSegmentationLogic()
+            if not self._engineReady():
+                return
+            self.package = self._tinyPackage()
+            self.setUp()
+            self.test_segment_whole_volume_and_roi()
+            self.setUp()
+            self.test_cancel_leaves_nothing()
+        finally:
+            shutil.rmtree(self.tempDir, ignore_errors=True)
+
+    def _engineReady(self) -> bool:
+        session = self.logic.session
+        session.refresh()
+        self.logic.waitFor(lambda: session.state.environment is not None, timeout=300)
+        if not session.state.environment.ready:
+            self.delayDisplay("Not run: VoCo's Python packages are not installed (Set-up > Check and install "
+                              f"dependencies): {session.state.environment.message}")
+            return False
+        return True
+
+    def _tinyPackage(self) -> str:
+        settings = self.logic.session.client.settings
         package = self.tempDir / "selftest-tiny"
-        engineDir = VoCoDependencies.engineDir()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(engineDir or ""),
-                                                                        os.environ.get("PYTHONPATH", "")) if p)}
-        subprocess.run([VoCoDependencies.engineInterpreter(), "-c", _TINY_PACKAGE_SCRIPT, str(package)], check=True,
-                       env=env, timeout=300)
+        subprocess.run([settings.engine_python, "-c", _TINY_PACKAGE_SCRIPT, str(package)], check=True,
+                       env={**os.environ, **settings.engine_environment()}, timeout=300)
         self.assertTrue((package / "model.json").is_file())
+        return str(package)
+
+    def _ball(self):
+        import numpy as np
 
         # 40 x 48 x 56 voxels of 1.5 mm: a bright ball in a noisy background.
         k, j, i = np.mgrid[:40, :48, :56]
         rng = np.random.default_rng(0)
         array = (100 * ((k - 20) ** 2 + (j - 24) ** 2 + (i - 28) ** 2 < 12 ** 2) + rng.normal(0, 5, k.shape))
-        volume = slicer.util.addVolumeFromArray(array.astype(np.int16), ijkToRAS=np.diag([1.5, 1.5, 1.5, 1.0]),
-                                                name="VoCoSelfTestBall")
-        self.delayDisplay("Made a tiny model and a synthetic volume")
-        return volume, str(package)
+        return slicer.util.addVolumeFromArray(array.astype(np.int16), ijkToRAS=np.diag([1.5, 1.5, 1.5, 1.0]),
+                                              name="VoCoSelfTestBall")
 
     def test_segment_whole_volume_and_roi(self):
         import numpy as np
 
-        volume, package = self._prepare()
-        logic = VoCoSegmentationLogic(home=self.tempDir / "home")
-        segmentation = logic.process(volume, package, device="cpu", timeout=600)
+        volume = self._ball()
+        segmentation = self.logic.process(volume, self.package, device="cpu")
         names = [segmentation.GetSegmentation().GetNthSegment(n).GetName()
                  for n in range(segmentation.GetSegmentation().GetNumberOfSegments())]
         self.assertEqual(names, ["bright", "dark"])
@@ -534,7 +482,7 @@ class VoCoSegmentationTest(ScriptedLoadableModuleTest):
         roi.SetSize(30.0, 36.0, 24.0)
         k, j, i = np.indices(labels.shape)
         farOutside = (i * 1.5 > 31.5) | (j * 1.5 > 37.5) | (k * 1.5 > 25.5)
-        restricted = logic.process(volume, package, device="cpu", roiNode=roi, timeout=600)
+        restricted = self.logic.process(volume, self.package, device="cpu", roiNode=roi)
         slicer.modules.segmentations.logic().ExportVisibleSegmentsToLabelmapNode(restricted, labelmap, volume)
         labels = slicer.util.arrayFromVolume(labelmap)
         self.assertEqual(labels.shape, farOutside.shape)
@@ -542,11 +490,12 @@ class VoCoSegmentationTest(ScriptedLoadableModuleTest):
         self.delayDisplay("ROI respected")
 
     def test_cancel_leaves_nothing(self):
-        volume, package = self._prepare()
-        logic = VoCoSegmentationLogic(home=self.tempDir / "home")
+        volume = self._ball()
+        session = self.logic.session
         before = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
-        job = logic.segment(volume, package, device="cpu", tta=True)
-        logic.cancel(job)
+        job = session.segment(volume, self.package, device="cpu", tta=True)
+        session.cancel()
+        self.logic.waitFor(lambda: job.finished, timeout=120)
         self.assertTrue(job.cancelled)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), before)
         self.assertFalse(job.temp_dir.exists())

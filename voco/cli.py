@@ -122,14 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the demo's)")
     p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps (default: the demo's)")
-    p = sub.add_parser("studio", help="VoCo Studio: the Slicer workflows in a browser (needs the 'studio' extra)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--data", nargs="+", default=[],
-                   help="volumes to offer (files, folders, dataset.json, list files); the first is loaded instead of the sample")
-    p.add_argument("--workdir", help="models, training set, runs (default: a folder in the temp dir)")
-    p.add_argument("--check-rendering", action="store_true",
-                   help="render a test picture off screen, say what drew it (EGL/OSMesa, GPU or Mesa) and exit")
     for command in _leaf_parsers(sub):
         command.add_argument("--progress", choices=["jsonl", "human"], default="human",
                              help="jsonl: one JSON event per line on stdout (see README)")
@@ -245,33 +237,8 @@ def cmd_models(args, reporter) -> int:
     return 0
 
 
-def cmd_studio(args, reporter) -> int:
-    """Imported here only: the engine itself never needs vtk, Slicer or trame."""
-    try:
-        import trame_slicer  # noqa: F401
-    except ImportError:
-        raise VocoInputError("voco studio needs trame-slicer: pip install -e '.[studio]'") from None
-    if args.check_rendering:
-        from voco_studio.headless import rendering_report
-
-        report = rendering_report()
-        reporter.emit("rendering", **report)
-        if not report["pixels_drawn"]:
-            raise VocoInputError(f"{report['window']} ({report['renderer']}) drew nothing: the views would stay black")
-        return 0
-    from voco_studio import serve
-
-    from .data.sources import list_images
-
-    # Folders, dataset.json and list files become their images, and a bad path fails here, in one line.
-    data = [str(p) for p in list_images(args.data)] if args.data else []
-    serve(host=args.host, port=args.port, data=data, workdir=args.workdir)
-    return 0
-
-
 COMMANDS = {"pretrain": cmd_pretrain, "crops": cmd_crops, "positions": cmd_positions, "finetune": cmd_finetune,
-            "segment": cmd_segment, "checkpoint": cmd_checkpoint, "models": cmd_models, "demo": cmd_demo,
-            "studio": cmd_studio}
+            "segment": cmd_segment, "checkpoint": cmd_checkpoint, "models": cmd_models, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

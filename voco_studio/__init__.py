@@ -1,6 +1,6 @@
 """VoCo Studio: the VoCoSegmentation / VoCoPretrain workflows in a browser, served by trame-slicer.
 
-Start: ``voco studio --host 127.0.0.1 --port 8080 [--data FILE ...]``; it prints
+Start: ``voco-studio --host 127.0.0.1 --port 8080 [--data FILE ...]``; it prints
 ``VoCo Studio ready on http://HOST:PORT/`` on stdout once it serves (trame's own messages go
 to stderr). Element ids: README_TESTIDS.md.
 """

@@ -1,10 +1,11 @@
 """VoCo Studio: the VoCoSegmentation and VoCoPretrain workflows in a browser, on Slicer's MRML.
 
 trame-slicer's ``SlicerApp`` holds the scene and the module logics; its remote-rendered slice and
-3D views show it. The side panel calls ``SegmentationLogic`` / ``PretrainLogic`` from the
-modules' Lib packages unchanged. Long work runs in the engine's own processes (as in Slicer);
-``poll_once`` (an asyncio task every ``POLL_S``) moves their state into the shared trame state,
-so every browser tab sees the same jobs. Element ids: README_TESTIDS.md.
+3D views show it. The page is a view of the same sessions the Slicer widgets show
+(``SegmentationSession``, ``PretrainSession``): each callback calls one session method, and
+``poll_once`` (an asyncio task every ``POLL_S``) ticks them and copies what they decided into the
+shared trame state, so every browser tab sees the same jobs. Long work runs in the engine's own
+processes, as in Slicer. Element ids: README_TESTIDS.md.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import numpy as np
 from .headless import configure_offscreen_rendering, disable_depth_peeling
 
 ROOT = Path(__file__).resolve().parents[1]
-for _module in ("VoCoSegmentation", "VoCoPretrain"):
-    if str(ROOT / _module) not in sys.path:
+for _module in ("VoCoCommon", "VoCoSegmentation", "VoCoPretrain"):  # a source checkout; a wheel has them installed
+    if (ROOT / _module).is_dir() and str(ROOT / _module) not in sys.path:
         sys.path.insert(0, str(ROOT / _module))
 
 configure_offscreen_rendering()
@@ -44,9 +45,12 @@ from trame_slicer.segmentation import (  # noqa: E402
     SegmentationEffectPaint,
 )
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
-from VoCoPretrainLib.logic import PretrainLogic  # noqa: E402
-from VoCoSegmentationLib.logic import SegmentationLogic  # noqa: E402
-from VoCoSegmentationLib.training_set import TrainingSet  # noqa: E402
+from VoCoCommonLib.client import EngineClient  # noqa: E402
+from VoCoCommonLib.runs import Runs  # noqa: E402
+from VoCoCommonLib.settings import read_settings  # noqa: E402
+from VoCoCommonLib.training_set import TrainingSet  # noqa: E402
+from VoCoPretrainLib.session import PretrainSession  # noqa: E402
+from VoCoSegmentationLib.session import SegmentationSession  # noqa: E402
 
 from voco.data.sources import image_suffix  # noqa: E402
 
@@ -61,6 +65,18 @@ TESTID = [("data_testid", "data-testid")]
 def tid(name: str, **kwargs) -> dict:
     """``id`` and ``data-testid`` both set to ``name`` (README_TESTIDS.md)."""
     return {"id": name, "__properties": TESTID, "data_testid": name, **kwargs}
+
+
+def job_id(job) -> str:
+    """A job's row id in the jobs table."""
+    return f"{job.kind}-{id(job):x}"
+
+
+def job_row(job) -> dict:
+    state = ("cancelled" if job.cancelled else "running" if not job.finished
+             else "finished" if job.succeeded else "failed")
+    return {"id": job_id(job), "kind": job.kind, "state": state, "progress": round(100 * job.fraction),
+            "status": job.error or job.status}
 
 
 def dice_suffix(dice: float | None) -> str:
@@ -116,23 +132,32 @@ class StudioApp(TrameApp):
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
         self.layout_manager.register_layout_dict(layouts())
 
-        self.segmentation_logic = SegmentationLogic(runs_folder=self.workdir / "finetune-runs")
-        self.pretrain_logic = PretrainLogic(workspace=self.workdir / "runs")
-        self.training_set = TrainingSet(self.workdir / "training-set")
+        # Both sessions on one client and one runs workspace, as the two Slicer modules share them.
+        settings = read_settings()
+        client, runs = EngineClient(settings), Runs(self.workdir / "runs", settings)
+        training_set = TrainingSet(self.workdir / "training-set")
+        self.segmentation = SegmentationSession(client, training_set, runs)
+        self.pretrain = PretrainSession(client, runs, training_set)
+        self.segmentation.resultReady.connect(self._show_segmentation)
+        self.segmentation.modelSelected.connect(self._model_ready)
+        self.segmentation.errorOccurred.connect(self._error)
+        self.pretrain.errorOccurred.connect(self._error)
+        self.pretrain.overlayReady.connect(self._show_overlay)
+        self.pretrain.curvesReady.connect(self._update_chart)
         self.volume_node = None
         self.segmentation_node = None
-        self.jobs: dict[str, dict] = {}      # job id -> {"kind", "job"}
-        self.versions: list[dict] = []
         self._poll_task = None
         self._segments_mtime = 0
-        self._demo_runs: set[str] = set()  # run folders of demo-model trainings not yet added to the models
-        self._runs: list[dict] = []         # the workspace's runs as job rows
+        self._demo_run = None      # the demo model's fine-tuning run while it trains
+        self._cancelling = False   # "Cancelled" is said once the engine has stopped
+        self._positions_heatmap = None
 
         self._init_state()
         self._build_ui()
         self.layout_manager.set_layout(self.state.layout)
         self._fix_threed_views()
-        self._refresh_runs()  # runs an earlier session left in the workdir
+        self.segmentation.refresh()  # devices and models, asked in the background
+        self._publish()  # runs an earlier session left in the workdir
         if load_default:
             if self.data_paths:
                 self.load_path(self.data_paths[0])
@@ -185,7 +210,7 @@ class StudioApp(TrameApp):
         s.segments = []
         s.segmentation_name = ""
         s.editor_effect = "none"
-        s.training_set_count = self.training_set.count
+        s.training_set_count = self.segmentation.state.training_set_count
         s.finetune_steps = 20
         s.versions = []
         s.jobs = []
@@ -279,12 +304,6 @@ class StudioApp(TrameApp):
 
     # --- segmentation workflow -----------------------------------------------------------------
 
-    def _add_model(self, spec: str, title: str, select: bool = True) -> None:
-        options = [o for o in self.state.model_options if o["value"] != spec] + [{"value": spec, "title": title}]
-        self.state.model_options = options
-        if select:
-            self.state.model = spec
-
     async def train_demo_model_from_page(self):
         """The button: the training data (about 3 s to write, once) are written off the event loop."""
         try:
@@ -299,42 +318,36 @@ class StudioApp(TrameApp):
         return demo_model.demo_dataset(self.workdir / "brain-tissue")
 
     def train_demo_model(self, dataset=None):
-        """A background fine-tuning run (VoCoPretrainLib's, as in Slicer) that makes the demo model."""
+        """A fine-tuning run from scratch (the session's, as in Slicer) that makes the demo model."""
 
         def start():
-            dataset_json = dataset or self._demo_dataset()
-            run_dir = self.pretrain_logic.start_finetuning(
-                dataset_json, name=demo_model.NAME, model_name=demo_model.NAME, backbone="swinunetr-tiny",
-                steps=demo_model.STEPS, val_every=demo_model.STEPS, checkpoint_every=demo_model.STEPS,
-                device=self.state.device, extra_args=demo_model.EXTRA_ARGS)
-            self._demo_runs.add(str(run_dir))
+            self._demo_run = self.segmentation.finetune(
+                None, steps=demo_model.STEPS, device=self.state.device, dataset=dataset or self._demo_dataset(),
+                name=demo_model.NAME, backbone="swinunetr-tiny", extra_args=demo_model.EXTRA_ARGS,
+                val_every=demo_model.STEPS)
             self.state.status_text = "Training the demo model"
-            self._refresh_runs()
-            return run_dir
+            self.pretrain.refresh_runs()  # the run joins the jobs table at once
+            self._publish()
+            return self._demo_run
 
         return self._guarded(start)
 
-    def _finish_demo_runs(self, runs) -> None:
-        for run in runs:
-            if run.path not in self._demo_runs or run.state == "running":
-                continue
-            self._demo_runs.discard(run.path)
-            if run.state != "done":
-                self.state.status_text = f"Error: the demo model's training {run.state}: {run.message}"
-                continue
-            self._add_version(demo_model.NAME, "1", str(Path(run.path) / "model"), run.best_dice)
-            self.state.status_text = f"Demo model ready{dice_suffix(run.best_dice)}"
-
-    def _add_version(self, name: str, version: str, path: str, dice: float | None) -> None:
-        """A model version made here (demo model, fine-tuning): selected, and a row of the versions table."""
-        self._add_model(path, f"{name} v{version}{dice_suffix(dice)}")
-        self.versions.append({"name": name, "version": version, "path": path, "dice": dice})
-        self.state.versions = list(self.versions)
+    def _model_ready(self, spec: str) -> None:
+        """A new model version was imported (the demo model, or a fine-tuned one): select it."""
+        entry = self.segmentation.model(spec)
+        self.state.model = spec
+        if self._demo_run is not None:
+            self._demo_run = None
+            self.state.status_text = f"Demo model ready{dice_suffix(entry.dice if entry else None)}"
+        else:
+            self.state.status_text = self.segmentation.state.status
+        self._publish()
 
     def add_model_path(self):
+        """Install a model package (or checkpoint) from a server path; it joins the model list."""
         path = self.state.model_path.strip()
         if path:
-            self._add_model(path, Path(path).name)
+            self._guarded(lambda: self.segmentation.import_model(Path(path).expanduser()))
 
     def run_segmentation(self):
         def run():
@@ -342,35 +355,26 @@ class StudioApp(TrameApp):
                 raise ValueError("load a volume first")
             if not self.state.model:
                 raise ValueError("pick a model (or train the demo model)")
-            job = self.segmentation_logic.segment(self.volume_node, self.state.model, device=self.state.device)
-            job_id = self._add_job("segment", job)
-            self.state.seg_running = True
-            self.state.seg_progress = 0
+            job = self.segmentation.segment(self.volume_node, self.state.model, device=self.state.device,
+                                            name=self._result_name(self.state.model))
             self.state.status_text = "Segmenting"
-            return job_id
+            self._publish()
+            return job_id(job)
 
         return self._guarded(run)
 
     def cancel_segmentation(self):
-        for entry in self.jobs.values():
-            job = entry["job"]
-            if entry["kind"] == "segment" and not job.finished:
-                self.segmentation_logic.cancel(job)
-        self.state.seg_running = False
-        self.state.status_text = "Cancelled"
-        self._publish_jobs()
+        self.segmentation.cancel()  # returns at once; the engine stops in the background
+        self._cancelling = True
+        self.state.status_text = "Cancelling"
+        self._publish()
 
-    def _model_title(self, spec: str) -> str:
-        version = next((v for v in self.versions if v["path"] == spec), None)
-        return f"{version['name']} v{version['version']}" if version else Path(spec).name
+    def _result_name(self, spec: str) -> str:
+        entry = self.segmentation.model(spec)
+        title = f"{entry.name} v{entry.version}" if entry else Path(spec).name
+        return f"{self.volume_node.GetName()} segmentation ({title})"
 
-    def _finish_segmentation(self, job) -> None:
-        try:
-            node = self.segmentation_logic.finish(
-                job, name=f"{job.volume_node.GetName()} segmentation ({self._model_title(job.model)})")
-        except Exception as exc:
-            self.state.status_text = f"Error: {exc}"
-            return
+    def _show_segmentation(self, node, volume_node) -> None:
         if self.segmentation_node is not None and self.segmentation_node.GetDisplayNode() is not None:
             # The previous result stays for comparison, drawn as outlines under the new one's fill.
             self.segmentation_node.GetDisplayNode().SetVisibility2DFill(False)
@@ -378,17 +382,18 @@ class StudioApp(TrameApp):
         self.segmentation_node = node
         node.CreateDefaultDisplayNodes()
         # The volume rendering would hide the segments' surfaces in 3D (Slicer shows them alone too).
-        rendering = self.slicer_app.volume_rendering.get_vr_display_node(job.volume_node)
+        rendering = self.slicer_app.volume_rendering.get_vr_display_node(volume_node)
         if rendering is not None:
             rendering.SetVisibility(False)
         # Surfaces in 3D, kept up to date through the editor's logic as the segment editor changes them.
-        self.slicer_app.segmentation_editor.set_active_segmentation(node, job.volume_node).enable_surface_representation()
+        self.slicer_app.segmentation_editor.set_active_segmentation(node, volume_node).enable_surface_representation()
         self.state.segmentation_name = node.GetName()
         self._publish_segments()
-        self.state.seg_progress = 100
-        self.state.seg_status = job.status
         self.render_views()
         self.state.status_text = f"Segmentation done: {len(self.state.segments)} segments"
+
+    def _error(self, message: str) -> None:
+        self.state.status_text = f"Error: {message}"
 
     def _publish_segments(self) -> None:
         """Name, colour and voxel count of every segment; again whenever the segment editor changes one."""
@@ -424,33 +429,36 @@ class StudioApp(TrameApp):
         def add():
             if self.segmentation_node is None:
                 raise ValueError("run a segmentation first")
-            case = self.segmentation_logic.add_to_training_set(self.training_set, self.volume_node,
-                                                               self.segmentation_node)
-            self.state.training_set_count = self.training_set.count
-            self.state.status_text = f"Added case {case} to the training set"
-            return case
+            job = self.segmentation.add_to_training_set(self.volume_node, self.segmentation_node, self.state.model)
+            self.state.status_text = "Adding the case to the training set"
+            return job_id(job)
 
         return self._guarded(add)
 
     def finetune(self):
         def start():
-            job = self.segmentation_logic.finetune(self.training_set, self.state.model,
-                                                   steps=int(self.state.finetune_steps), device=self.state.device)
+            model = self.segmentation.model(self.state.model) or self.state.model
+            run = self.segmentation.finetune(model, steps=int(self.state.finetune_steps), device=self.state.device)
             self.state.status_text = "Fine-tuning"
-            return self._add_job("finetune", job)
+            self.pretrain.refresh_runs()
+            self._publish()
+            return run
 
         return self._guarded(start)
 
     def compare_versions(self):
-        """Run the two latest model versions; both segmentations stay in the scene."""
-        if len(self.versions) < 2:
+        """Segment with the two latest versions of the selected model; both results stay in the scene."""
+        entry = self.segmentation.model(self.state.model)
+        versions = self.segmentation.versions(entry.name) if entry else []
+        if self.volume_node is None or len(versions) < 2:
             self.state.status_text = "Error: need two model versions (fine-tune first)"
             return
-        for version in self.versions[-2:]:
-            job = self.segmentation_logic.segment(self.volume_node, version["path"], device=self.state.device)
-            self._add_job("segment", job)
-        self.state.seg_running = True
-        self.state.status_text = f"Comparing {self.versions[-2]['version']} and {self.versions[-1]['version']}"
+        older, newer = versions[-2:]
+        self._guarded(lambda: self.segmentation.compare_versions(
+            self.volume_node, [older.spec, newer.spec], device=self.state.device,
+            names=[self._result_name(older.spec), self._result_name(newer.spec)]))
+        self.state.status_text = f"Comparing {older.version} and {newer.version}"
+        self._publish()
 
     # --- pretrain workflow ---------------------------------------------------------------------
 
@@ -459,62 +467,57 @@ class StudioApp(TrameApp):
             if self.volume_node is None:
                 raise ValueError("load a volume first")
             # The demo preset's 32-voxel crops need the tiny backbone (the B backbone needs 64).
-            run_dir = self.pretrain_logic.start_pretraining(
-                [self.volume_node], preset="demo", backbone="swinunetr-tiny", steps=int(self.state.pretrain_steps),
-                batch_size=2, checkpoint_every=5, device=self.state.device)
+            run_dir = self.pretrain.start([self.volume_node], preset="demo", backbone="swinunetr-tiny",
+                                          steps=int(self.state.pretrain_steps), batch_size=2, checkpoint_every=5,
+                                          device=self.state.device)
             self.state.pretrain_run = str(run_dir)
-            self.pretrain_logic.curves_for(run_dir)
-            self._refresh_runs()
+            self._publish()
             return run_dir
 
         return self._guarded(start)
 
     def stop_pretraining(self):
         if self.state.pretrain_run:
-            self._guarded(lambda: self.pretrain_logic.stop(self.state.pretrain_run))
-            self._refresh_runs()
+            self._guarded(lambda: self.pretrain.stop(self.state.pretrain_run))
+            self._publish()
 
     def resume_pretraining(self):
         if self.state.pretrain_run:
-            self._guarded(lambda: self.pretrain_logic.resume(self.state.pretrain_run,
-                                                             steps=int(self.state.pretrain_steps)))
-            self._refresh_runs()
+            self._guarded(lambda: self.pretrain.resume(self.state.pretrain_run, steps=int(self.state.pretrain_steps)))
+            self._publish()
 
     def show_crop_layout(self):
-        def crops():
-            nodes = self.pretrain_logic.crop_layout(self.volume_node, self.workdir / "crops" / str(int(time.time())))
-            self.slicer_app.display_manager.show_volume_in_slice_foreground(nodes.labelmap)
-            self._hide_segmentations()
-            for view in self.slicer_app.view_manager.get_slice_views():
-                view.set_foreground_opacity(0.4)
-            self._fix_threed_views()
-            self.render_views()
-            self.state.status_text = f"Crop layout: {len(nodes.bases)} bases, {len(nodes.targets)} targets"
-            return nodes
-
-        return self._guarded(crops)
+        return self._guarded(lambda: job_id(self.pretrain.crop_layout(
+            self.volume_node, preset=None, out_dir=self.workdir / "crops" / str(int(time.time())))))
 
     def show_positions(self):
         def positions():
-            run = self.state.pretrain_run
-            if not run:
+            if not self.state.pretrain_run:
                 raise ValueError("pick a pretraining run with a checkpoint")
-            nodes = self.pretrain_logic.position_predictions(self.volume_node, run,
-                                                             self.workdir / "positions" / str(int(time.time())))
+            return job_id(self.pretrain.positions(self.volume_node, self.state.pretrain_run,
+                                                  out_dir=self.workdir / "positions" / str(int(time.time()))))
+
+        return self._guarded(positions)
+
+    def _show_overlay(self, kind: str, nodes, volume_node) -> None:
+        self._hide_segmentations()
+        if kind == "crops":
+            self.slicer_app.display_manager.show_volume_in_slice_foreground(nodes.labelmap)
+            for view in self.slicer_app.view_manager.get_slice_views():
+                view.set_foreground_opacity(0.4)
+            self._fix_threed_views()
+            self.state.status_text = f"Crop layout: {len(nodes.bases)} bases, {len(nodes.targets)} targets"
+        else:
             self._positions_heatmap = nodes.heatmap
-            self._hide_segmentations()
             if self.state.heatmap_visible:
                 self.slicer_app.display_manager.show_volume_in_slice_foreground(nodes.heatmap)
-            self.render_views()
             columns = table_columns(nodes.table)
             n = len(next(iter(columns.values()), []))
             self.state.positions_columns = list(columns)
-            self.state.positions = [{k: (round(v[i], 3) if isinstance(v[i], float) else v[i]) for k, v in columns.items()}
-                                    for i in range(n)]
+            self.state.positions = [{k: (round(v[i], 3) if isinstance(v[i], float) else v[i])
+                                     for k, v in columns.items()} for i in range(n)]
             self.state.status_text = f"Position predictions: {n} rows"
-            return nodes
-
-        return self._guarded(positions)
+        self.render_views()
 
     def _hide_segmentations(self) -> None:
         """The pretraining overlays are drawn alone; a new segmentation run shows its result again."""
@@ -524,85 +527,65 @@ class StudioApp(TrameApp):
 
     @change("heatmap_visible")
     def _on_heatmap(self, heatmap_visible, **_):
-        heatmap = getattr(self, "_positions_heatmap", None)
-        if heatmap is not None:
-            self.slicer_app.display_manager.show_volume_in_slice_foreground(heatmap if heatmap_visible else None)
-
-    def _refresh_runs(self) -> None:
-        runs = self.pretrain_logic.list_runs()
-        self._finish_demo_runs(runs)
-        # One vocabulary on the page: a run that is "done" is "finished" like every other job.
-        states = {r.path: "finished" if r.state == "done" else r.state for r in runs}
-        self._runs = [{"id": r.name, "kind": r.kind, "state": states[r.path],
-                       "progress": round(100 * r.step / r.total) if r.total else None,
-                       "status": r.message if r.state == "failed" else ""} for r in runs]
-        self.state.pretrain_runs = [{"value": r.path, "title": f"{r.name} ({states[r.path]})"}
-                                    for r in runs if r.kind == "pretrain"]
-        self.state.pretrain_state = states.get(self.state.pretrain_run, "idle")
-        self._publish_jobs()
+        if self._positions_heatmap is not None:
+            self.slicer_app.display_manager.show_volume_in_slice_foreground(
+                self._positions_heatmap if heatmap_visible else None)
 
     @change("pretrain_run")
     def _on_pretrain_run(self, pretrain_run, **_):
-        if pretrain_run:
-            self._guarded(lambda: self.pretrain_logic.curves_for(pretrain_run))
-            self._update_chart()
+        self.pretrain.select(pretrain_run or None)
+        self._update_chart()
 
-    def _update_chart(self) -> None:
-        run = self.state.pretrain_run
-        curves = self.pretrain_logic.curves.get(str(Path(run))) if run else None
+    def _update_chart(self, *_) -> None:
+        curves = self.pretrain.curves
         self.state.loss_svg = loss_chart_svg(table_columns(curves.loss_table) if curves else {})
 
     # --- jobs ----------------------------------------------------------------------------------
 
-    def _add_job(self, kind: str, job) -> str:
-        job_id = f"{kind}-{len(self.jobs) + 1}"
-        self.jobs[job_id] = {"kind": kind, "job": job, "done": False}
-        self._publish_jobs()
-        return job_id
-
-    def _publish_jobs(self) -> None:
-        rows = []
-        for job_id, entry in self.jobs.items():
-            job = entry["job"]
-            state = ("cancelled" if job.cancelled else "running" if not job.finished
-                     else "finished" if job.succeeded else "failed")
-            rows.append({"id": job_id, "kind": entry["kind"], "state": state,
-                         "progress": round(100 * job.fraction), "status": job.error or job.status})
-        self.state.jobs = rows + self._runs
+    def _publish(self) -> None:
+        """The sessions' state as the page shows it (every tab: the state is the server's)."""
+        seg, pre = self.segmentation.state, self.pretrain.state
+        self.state.seg_running = seg.job == "segment" or self.segmentation.busy
+        if seg.job == "segment":
+            self.state.seg_progress, self.state.seg_status = round(100 * seg.fraction), seg.status
+        elif self.segmentation.history and self.segmentation.history[-1].kind == "segment":
+            last = self.segmentation.history[-1]
+            self.state.seg_progress = 100 if last.succeeded else self.state.seg_progress
+            self.state.seg_status = last.status
+        if self._cancelling and not self.segmentation.busy:
+            self._cancelling = False
+            self.state.status_text = "Cancelled"
+        if seg.environment is not None:
+            self.state.devices = [{"value": d.id, "title": d.title} for d in seg.devices]
+            self.state.device_note = seg.environment.message or ""
+        self.state.model_options = [{"value": m.spec, "title": f"{m.name} v{m.version}{dice_suffix(m.dice)}"}
+                                    for m in seg.segmentation_models]
+        if not self.state.model and seg.segmentation_models:
+            self.state.model = seg.segmentation_models[-1].spec
+        entry = self.segmentation.model(self.state.model) if self.state.model else None
+        self.state.versions = [{"name": m.name, "version": m.version, "path": m.spec, "dice": m.dice}
+                               for m in (self.segmentation.versions(entry.name) if entry else [])]
+        self.state.training_set_count = seg.training_set_count
+        # One vocabulary on the page: a run that is "done" is "finished" like every other job.
+        runs = [{"id": r.name, "kind": r.kind, "state": "finished" if r.state == "done" else r.state,
+                 "progress": round(100 * r.step / r.total) if r.total and r.step is not None else None,
+                 "status": r.message if r.state == "failed" else ""} for r in pre.runs]
+        self.state.pretrain_runs = [{"value": r.path, "title": f"{r.name} ({row['state']})"}
+                                    for r, row in zip(pre.runs, runs) if r.kind == "pretrain"]
+        picked = pre.run(self.state.pretrain_run) if self.state.pretrain_run else None
+        self.state.pretrain_state = ("finished" if picked.state == "done" else picked.state) if picked else "idle"
+        jobs = [job_row(job) for job in self.segmentation.history + self.pretrain.history]
+        self.state.jobs = jobs + runs
 
     def poll_once(self) -> None:
-        """Advance every job: engine events -> job state -> trame state (all tabs)."""
+        """Tick both sessions (engine events -> their state) and show it on the page (all tabs)."""
         with self.state:
-            for entry in self.jobs.values():
-                job = entry["job"]
-                if entry["done"]:
-                    continue
-                job.update()
-                if entry["kind"] == "segment":
-                    self.state.seg_progress = round(100 * job.fraction)
-                    self.state.seg_status = job.status
-                if job.finished:
-                    entry["done"] = True
-                    if entry["kind"] == "segment":
-                        self.state.seg_running = any(not e["done"] for e in self.jobs.values() if e["kind"] == "segment")
-                        if job.succeeded:
-                            self._finish_segmentation(job)
-                        elif job.cancelled:
-                            self.state.status_text = "Cancelled"
-                        else:
-                            self.state.status_text = f"Error: {job.error or job.status}"
-                    elif entry["kind"] == "finetune":
-                        if job.succeeded and job.model_path:
-                            self._add_version(job.model_name, job.model_version, job.model_path, job.best_dice)
-                        self.state.status_text = job.status if job.succeeded else f"Error: {job.error}"
+            self.segmentation.tick()
+            self.pretrain.tick()
             node = self.segmentation_node
             if node is not None and node.GetSegmentation().GetMTime() != self._segments_mtime:
                 self._publish_segments()
-            if self.pretrain_logic.curves and self.pretrain_logic.update_curves():
-                self._update_chart()
-            if self.pretrain_logic.curves or self._demo_runs or any(r["state"] == "running" for r in self._runs):
-                self._refresh_runs()
-            self._publish_jobs()
+            self._publish()
 
     def _start_polling(self, **_):
         async def loop():
@@ -613,27 +596,7 @@ class StudioApp(TrameApp):
                     traceback.print_exc()
                 await asyncio.sleep(POLL_S)
 
-        loop_ = asyncio.get_event_loop()
-        self._poll_task = loop_.create_task(loop())
-        loop_.create_task(self._discover(loop_))
-
-    async def _discover(self, loop) -> None:
-        """The engine's devices and installed segmentation models, asked once in the background
-        (each is an engine process, seconds), as the Slicer module fills its combo boxes."""
-        devices, note = await loop.run_in_executor(None, self.segmentation_logic.devices)
-        try:
-            models = await loop.run_in_executor(None, self.segmentation_logic.models)
-        except Exception as exc:  # the page works without the list; say why it is empty
-            models = []
-            self.state.status_text = f"Error: could not list the installed models: {exc}"
-        with self.state:
-            self.state.devices = [{"value": d.id, "title": d.title} for d in devices]
-            self.state.device_note = note or ""
-            for model in models:
-                known = {option["value"] for option in self.state.model_options}
-                if model.usable and model.installed and model.spec not in known:
-                    self._add_model(model.spec, f"{model.name} v{model.version}{dice_suffix(model.dice)}",
-                                    select=not self.state.model)
+        self._poll_task = asyncio.get_event_loop().create_task(loop())
 
     # --- UI ------------------------------------------------------------------------------------
 

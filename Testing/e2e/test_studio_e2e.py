@@ -29,14 +29,14 @@ JOB_TIMEOUT = 600_000  # ms; a 2-core CPU shared with other jobs
 
 def studio_unavailable() -> str | None:
     try:
-        probe = subprocess.run([sys.executable, "-m", "voco", "studio", "--help"], cwd=REPO,
+        probe = subprocess.run([sys.executable, "-m", "voco_studio", "--help"], cwd=REPO,
                                capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired:
         return None  # let the real start report it
     if probe.returncode == 0:
         return None
     tail = (probe.stderr or probe.stdout).strip().splitlines()[-1:] or ["no output"]
-    return f"`python -m voco studio` is not available yet: {tail[0]}"
+    return f"`python -m voco_studio` is not available yet: {tail[0]}"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def studio(tmp_path_factory, chromium_context):
         pytest.skip(reason)
     workdir = tmp_path_factory.mktemp("studio-work")
     port = free_port()
-    command = [sys.executable, "-m", "voco", "studio", "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, "-m", "voco_studio", "--host", "127.0.0.1", "--port", str(port),
                "--workdir", str(workdir)]
     server = None
     try:

@@ -140,10 +140,23 @@ def test_a_bad_file_in_a_dataset_is_skipped_with_a_warning(tmp_path, capsys):
     assert start["volumes"] == 2 and start["skipped"] == 1
 
 
-def test_studio_without_trame_slicer_is_a_one_line_error(monkeypatch, capsys):
+def test_the_engine_cli_knows_no_front_end_and_voco_studio_says_what_it_lacks(monkeypatch, capsys):
+    import ast
     import sys
+    from pathlib import Path
+
+    assert main(["studio", "--port", "1"]) == 2  # no such engine command: VoCo Studio has its own
+    assert "invalid choice: 'studio'" in capsys.readouterr().err
+    engine = Path(__file__).resolve().parents[2] / "voco"
+    for path in engine.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(n.split(".")[0] in ("voco_studio", "slicer", "qt", "ctk", "vtk", "trame", "trame_slicer")
+                           or n.startswith("VoCo") for n in names), f"{path}: {names}"
+    from voco_studio.cli import main as studio_main
 
     monkeypatch.setitem(sys.modules, "trame_slicer", None)  # as if the 'studio' extra were not installed
-    assert main(["studio", "--port", "1"]) == 2
+    assert studio_main(["--port", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: voco studio needs trame-slicer: pip install -e '.[studio]'"]
+    assert err == ["error: VoCo Studio needs trame-slicer: pip install '.[studio]'"]

@@ -14,18 +14,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def mrml():
-    """Real MRML (PyPI slicer-core): a fresh scene with Slicer's module logics, installed as
-    ``slicer.mrmlScene`` / ``slicer.modules`` for the modules' Lib code and ``slicer.util``."""
-    from slicer_core_app import SlicerCoreApp
-
-    app = SlicerCoreApp()
-    app.install()
-    yield app
-    app.close()
-
-
 @pytest.fixture(scope="session")
 def shipped():
     """Paths of the real sample volumes (fetched once into the user cache, checked by sha256)."""

@@ -25,6 +25,8 @@ from monai.transforms import LoadImage
 from torch import nn
 
 from conftest import Events, events, voco_command
+from phantoms import SPHERE_CENTRE, dice, oblique_affine, ras_points, sphere_image, sphere_mask
+from toy_networks import Threshold
 from voco.cli import main
 from voco.data.volumes import read_label_map, read_volume
 from voco.errors import VocoInputError
@@ -41,41 +43,6 @@ RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 # --- volumes and models ---------------------------------------------------------------------------
-
-def rotation(degrees: float, axis: int) -> np.ndarray:
-    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
-def oblique_affine(spacing=(0.7, 1.1, 2.5), shape=(48, 40, 20), degrees=(20.0, 20.0)) -> np.ndarray:
-    """Index -> RAS: rotated about x and about z, anisotropic, centred on (3, -5, 8) mm."""
-    affine = np.eye(4)
-    affine[:3, :3] = rotation(degrees[0], 0) @ rotation(degrees[1], 2) @ np.diag(spacing)
-    affine[:3, 3] = np.array([3.0, -5.0, 8.0]) - affine[:3, :3] @ ((np.array(shape) - 1) / 2)
-    return affine
-
-
-def ras_points(affine: np.ndarray, shape) -> np.ndarray:
-    """(X, Y, Z, 3) RAS mm of every voxel centre."""
-    index = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), axis=-1).astype(np.float64)
-    return index @ affine[:3, :3].T + affine[:3, 3]
-
-
-SPHERE_CENTRE, SPHERE_RADIUS = np.array([4.0, -6.0, 9.0]), 12.0
-
-
-def sphere_mask(affine, shape, centre=SPHERE_CENTRE, radius=SPHERE_RADIUS) -> np.ndarray:
-    return np.linalg.norm(ras_points(affine, shape) - centre, axis=-1) < radius
-
-
-def sphere_image(affine, shape) -> np.ndarray:
-    """100 inside the sphere, 10 outside (MRI-like: all positive), with mild deterministic texture."""
-    texture = np.random.default_rng(0).normal(0, 1, shape)
-    return np.where(sphere_mask(affine, shape), 100.0, 10.0) + texture
-
 
 def write_nifti(path, data, affine, dtype=np.float32):
     image = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
@@ -102,10 +69,6 @@ def nrrd_affine(path) -> np.ndarray:
     return affine
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b))
-
-
 def card(name="toy", labels=LABELS, spacing=(2.0, 2.0, 2.0), fast_spacing=None, modality="mri") -> ModelCard:
     return ModelCard(name=name, version="1", architecture="swinunetr-tiny", in_channels=1, labels=list(labels),
                      preprocessing=Preprocessing(modality, spacing, (32, 32, 32), fast_spacing))
@@ -117,20 +80,6 @@ def package(tmp_path_factory):
     torch.manual_seed(0)
     network = build_segmentation_network("swinunetr-tiny", 1, len(LABELS) + 1)
     return write_package(tmp_path_factory.mktemp("package") / "toy", card(), network.state_dict())
-
-
-class Threshold(nn.Module):
-    """A 1x1 convolution: class 1 where the (normalised) intensity is above 0, else background."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv3d(1, 2, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.tensor([-4.0, 4.0]).view(2, 1, 1, 1, 1))
-            self.conv.bias.zero_()
-
-    def forward(self, x):
-        return self.conv(x)
 
 
 class Constant(nn.Module):

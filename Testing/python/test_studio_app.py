@@ -180,3 +180,33 @@ def test_page_callbacks_return_nothing_and_async_ones_stay_awaitable(studio):
     callback = studio._cb(later)
     assert asyncio.iscoroutinefunction(callback)
     assert asyncio.run(callback(2)) is None and calls == [1, 2]
+
+
+def test_a_non_editable_install_carries_what_voco_studio_imports(tmp_path):
+    """`pip install ".[studio]"` (not -e): the wheel must hold the modules' Lib packages and the
+    voco-studio entry point, and VoCo Studio must import from it alone (no source checkout)."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[2]
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "wheel"), str(repo)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next((tmp_path / "wheel").glob("voco-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for package in ("voco", "voco_studio", "VoCoCommonLib", "VoCoSegmentationLib", "VoCoPretrainLib"):
+        assert f"{package}/__init__.py" in names
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "voco-studio = voco_studio.cli:main" in entry_points
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                                str(tmp_path / "site"), str(wheel)], capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    probe = ("import VoCoCommonLib, VoCoSegmentationLib, VoCoPretrainLib, voco_studio.app, voco_studio.cli\n"
+             "print(*[m.__file__ for m in (VoCoCommonLib, VoCoSegmentationLib, VoCoPretrainLib, voco_studio.app)])")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert all(path.startswith(str(tmp_path / "site")) for path in run.stdout.split())

@@ -1,0 +1,401 @@
+"""SegmentationSession on real MRML (slicer-core) with the engine run for real, as a process.
+
+Two kinds of model: ``package``, a real tiny SwinUNETR package (random weights, seed 0) whose
+labels carry names, colours and a SNOMED code; and ``toy``, a package whose network is replaced
+*inside the engine process* by a 1x1 convolution that thresholds the intensity (engine_side.py),
+so that the right segmentation is known; ``slow`` also makes each window take a second.
+Every ``tick`` of a test goes through the GUI clock: none may cost the GUI thread 50 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from phantoms import dice, oblique_affine, rotation, sphere_image, sphere_mask
+
+LIVER_CODE = {"scheme": "SCT", "code": "10200004", "meaning": "Liver"}
+LABELS = [{"value": 1, "name": "liver", "color": "#dd8244", "terminology": LIVER_CODE},
+          {"value": 5, "name": "spleen", "color": "#9d6c62"}]
+SHAPE = (48, 40, 20)  # I, J, K
+GUI_BUDGET_S = 0.05
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory, engine):
+    return engine.package(tmp_path_factory.mktemp("package") / "toy-organs", "organs", LABELS, {"mean_val_dice": 0.25})
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, engine):
+    return engine.toy(tmp_path_factory.mktemp("toy")).parent
+
+
+@pytest.fixture
+def toy_engine(toy, monkeypatch):
+    monkeypatch.setenv("VOCO_TEST_TOY", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(toy / "site"), os.environ.get("PYTHONPATH")) if p))
+    return toy / "package"
+
+
+def new_session(tmp_path, engine):
+    from VoCoCommonLib.client import EngineClient
+    from VoCoCommonLib.settings import read_settings
+    from VoCoSegmentationLib.session import SegmentationSession
+
+    settings = read_settings({**os.environ, "VOCO_ENGINE_PYTHON": engine.python})
+    temp_root = tmp_path / "temp"
+    temp_root.mkdir(exist_ok=True)
+    return SegmentationSession(EngineClient(settings), temp_root=temp_root)
+
+
+def tick_until(session, condition, timeout=300.0, clock=None):
+    """The front end's timer: tick until ``condition()``; every tick's GUI-thread cost is kept."""
+    import pythonqt
+
+    clock = clock or pythonqt.CLOCK
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out; status: {session.state.status}"
+        clock.measure("SegmentationSession.tick", session.tick)
+        time.sleep(0.05)
+    assert not clock.errors, clock.errors
+
+
+def assert_gui_thread_budget():
+    import pythonqt
+
+    longest = pythonqt.CLOCK.longest()
+    assert longest is None or longest.cpu_s < GUI_BUDGET_S, longest
+    slowest = pythonqt.CLOCK.longest("wall_s")
+    assert slowest is None or slowest.wall_s < 10 * GUI_BUDGET_S, slowest  # nothing waits for the engine
+
+
+@pytest.fixture
+def clock():
+    import pythonqt
+
+    pythonqt.CLOCK.reset()
+    yield pythonqt.CLOCK
+    assert_gui_thread_budget()
+
+
+def add_volume(data_ijk: np.ndarray, affine: np.ndarray, name="image"):
+    import slicer
+
+    return slicer.util.addVolumeFromArray(np.ascontiguousarray(data_ijk.transpose(2, 1, 0)).astype(np.float32),
+                                          affine, name)
+
+
+def sphere_volume(shape=SHAPE):
+    affine = oblique_affine(shape=shape)
+    return add_volume(sphere_image(affine, shape), affine, "sphere"), affine
+
+
+def node_ids(scene) -> set[str]:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def segment_array(segmentation_node, segment_id, volume_node) -> np.ndarray:
+    import slicer
+
+    return slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node).transpose(2, 1, 0)
+
+
+def ready(session):
+    session.refresh()
+    tick_until(session, lambda: session.state.environment is not None and not session.state.models_loading)
+    assert session.state.environment.ready, session.state.environment
+
+
+# --- segmenting ----------------------------------------------------------------------------------
+
+def test_segment_with_a_real_model_gives_named_coloured_segments_on_the_input_grid(mrml, home, package, tmp_path,
+                                                                                   engine, clock):
+    import slicer
+
+    from VoCoCommonLib.volumes import ijk_to_ras
+    from VoCoSegmentationLib.results import terminology_entry
+
+    volume, affine = sphere_volume()
+    session = new_session(tmp_path, engine)
+    ready(session)
+    shown = []
+    session.resultReady.connect(lambda node, source: shown.append((node, source)))
+    assert session.buttons(volume, str(package), None).apply.enabled
+    job = clock.measure("segment", session.segment, volume, str(package), "cpu")
+    assert session.buttons(volume, str(package), None).apply.text == "Cancel"
+    tick_until(session, lambda: job.finished)
+    assert job.succeeded, job.error
+    kinds = [e["event"] for e in job.events]
+    assert kinds[0] == "start" and "done" in kinds and kinds[-1] == "exit" and "progress" in kinds
+    node = job.node
+    assert shown == [(node, volume)] and not job.temp_dir.exists()
+    assert node.IsA("vtkMRMLSegmentationNode") and node.GetScene() is slicer.mrmlScene
+    assert node.GetName() == "sphere organs v1" and session.state.status == "done: sphere organs v1"
+    expected = job.result.labels.transpose(2, 1, 0)
+    segmentation = node.GetSegmentation()
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == \
+        ["liver", "spleen"]
+    for i, label in enumerate(LABELS):
+        segment_id = segmentation.GetNthSegmentID(i)
+        segment = segmentation.GetSegment(segment_id)
+        np.testing.assert_allclose(segment.GetColor(), [int(label["color"][k:k + 2], 16) / 255 for k in (1, 3, 5)],
+                                   atol=1e-6)
+        np.testing.assert_array_equal(segment_array(node, segment_id, volume), expected == label["value"])
+    assert segmentation.GetNthSegment(0).GetTerminology() == (
+        "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
+        "~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^") == terminology_entry(LIVER_CODE)
+    assert segmentation.GetNthSegment(1).GetTerminology() == slicer.vtkSegment().GetTerminology()
+    assert node.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) is volume
+    np.testing.assert_allclose(ijk_to_ras(volume), affine, atol=1e-6)
+    # 2-D at once; surfaces for the 3-D view only on request (Show 3D): they cost the GUI thread
+    assert not segmentation.ContainsRepresentation(slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+    assert session.state.job is None and session.buttons(volume, str(package)).apply.text == "Apply"
+
+
+def test_known_answer_roi_and_the_chosen_output_node(mrml, home, toy_engine, tmp_path, engine, clock):
+    import slicer
+
+    from VoCoSegmentationLib.roi import roi_ras_box
+
+    volume, affine = sphere_volume()
+    session = new_session(tmp_path, engine)
+    full = session.segment(volume, str(toy_engine), device="cpu")
+    tick_until(session, lambda: full.finished)
+    assert full.succeeded, full.error
+    sphere = segment_array(full.node, full.node.GetSegmentation().GetNthSegmentID(0), volume)
+    truth = sphere_mask(affine, SHAPE)
+    assert dice(sphere > 0, truth) > 0.9
+    assert full.node.GetSegmentation().GetNthSegment(0).GetName() == "sphere"
+
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenter(-10.0, -6.0, 9.0)  # the sphere's right part (the sphere is centred at x = 4)
+    roi.SetSize(12.0, 40.0, 40.0)
+    output = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "chosen output")
+    before = node_ids(slicer.mrmlScene)
+    job = session.segment(volume, str(toy_engine), device="cpu", roi_node=roi, output_node=output)
+    tick_until(session, lambda: job.finished)
+    assert job.node is output and node_ids(slicer.mrmlScene) - before == {output.GetDisplayNode().GetID()}
+    assert output.GetSegmentation().GetNumberOfSegments() == 1
+    inside = segment_array(output, output.GetSegmentation().GetNthSegmentID(0), volume) > 0
+    corners = np.array(np.meshgrid(*np.array(roi_ras_box(roi)).reshape(2, 3).T)).reshape(3, -1).T
+    voxels = (np.linalg.inv(affine) @ np.c_[corners, np.ones(len(corners))].T)[:3].T
+    start = np.clip(np.floor(voxels.min(0)).astype(int), 0, SHAPE)
+    end = np.clip(np.ceil(voxels.max(0)).astype(int) + 1, 0, SHAPE)
+    box = np.zeros(SHAPE, bool)
+    box[start[0]:end[0], start[1]:end[1], start[2]:end[2]] = True
+    assert inside.any() and not (inside & ~box).any()  # nothing outside the ROI's voxel box
+    assert dice(inside, truth & box) > 0.85
+    assert (sphere & ~box).sum() > 1000  # ... where the full run did find the sphere
+
+
+def test_a_volume_under_a_transform_gets_its_segmentation_where_it_is_not_moved_twice(mrml, home, toy_engine,
+                                                                                        tmp_path, engine, clock):
+    import slicer
+
+    volume, affine = sphere_volume()
+    moved = np.eye(4)
+    moved[:3, :3] = rotation(15.0, 2)
+    moved[:3, 3] = (40.0, -25.0, 10.0)
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(moved))
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    session = new_session(tmp_path, engine)
+    job = session.segment(volume, str(toy_engine), device="cpu")
+    tick_until(session, lambda: job.finished)
+    node = job.node
+    assert node.GetTransformNodeID() == transform.GetID()
+    # the segmentation's grid is the volume's own: the transform above both is not applied into it
+    converter = slicer.vtkSegmentationConverter
+    expected = converter.SerializeImageGeometry(slicer.util.vtkMatrixFromArray(affine), volume.GetImageData())
+    assert node.GetSegmentation().GetConversionParameter(converter.GetReferenceImageGeometryParameterName()) == expected
+    # and the sphere is where the volume shows it (none of it cut off by a shifted grid)
+    found = segment_array(node, node.GetSegmentation().GetNthSegmentID(0), volume) > 0
+    assert dice(found, sphere_mask(affine, SHAPE)) > 0.9
+
+
+def test_cancel_returns_at_once_kills_the_engine_and_leaves_no_node_and_no_file(mrml, home, toy_engine, tmp_path,
+                                                                               engine, clock, monkeypatch):
+    import slicer
+
+    monkeypatch.setenv("VOCO_TEST_SLOW", "1")
+    volume, _ = sphere_volume(shape=(120, 120, 40))  # 8 windows of about a second each
+    session = new_session(tmp_path, engine)
+    before = node_ids(slicer.mrmlScene)
+    job = session.segment(volume, str(toy_engine), device="cpu")
+    tick_until(session, lambda: any(e["event"] == "start" for e in job.events))
+    pid = job.process.pid
+    clock.measure("cancel", session.cancel)
+    assert session.buttons(volume, "x").apply.text == "Cancelling..."
+    tick_until(session, lambda: job.finished)
+    assert job.cancelled and not job.succeeded and session.state.status == "cancelled"
+    assert job.returncode == 128 + 15  # the engine stopped cleanly on SIGTERM
+    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    assert node_ids(slicer.mrmlScene) == before
+    assert not job.temp_dir.exists() and list((tmp_path / "temp").iterdir()) == []
+    assert session.state.job is None and session.buttons(volume, "x").apply.text == "Apply"
+
+
+def test_an_engine_error_reaches_the_status_and_adds_no_node(mrml, home, tmp_path, engine, clock):
+    import slicer
+
+    volume, _ = sphere_volume(shape=(16, 16, 16))
+    session = new_session(tmp_path, engine)
+    errors = []
+    session.errorOccurred.connect(errors.append)
+    before = node_ids(slicer.mrmlScene)
+    job = session.segment(volume, "no-such-model", device="cpu")
+    tick_until(session, lambda: job.finished)
+    assert "no-such-model" in job.error and session.state.status.startswith("error:") and errors == [job.error]
+    assert job.returncode == 2 and node_ids(slicer.mrmlScene) == before and not job.temp_dir.exists()
+    assert session.state.job is None and not session.busy
+
+
+def test_a_failed_result_conversion_leaves_no_partial_node(mrml, tmp_path):
+    import slicer
+
+    from VoCoCommonLib.volumes import write_nrrd
+    from VoCoSegmentationLib.results import read_output, segmentation_from_output
+
+    volume, affine = sphere_volume(shape=(16, 16, 16))
+    labels = np.zeros((16, 16, 16), np.uint8)
+    labels[2:6, 2:6, 2:6] = 1
+    write_nrrd(labels, affine, tmp_path / "seg.nrrd")
+    (tmp_path / "seg.json").write_text(json.dumps({"labels": [{"value": 1, "name": "ok", "color": "#00ff00"},
+                                                              {"value": 2, "name": "bad", "color": "red"}]}))
+    before = node_ids(slicer.mrmlScene)
+    with pytest.raises(ValueError, match="#rrggbb"):
+        segmentation_from_output(read_output(tmp_path / "seg.nrrd"), volume)
+    assert node_ids(slicer.mrmlScene) == before
+
+
+def test_closing_the_scene_during_a_segmentation_cancels_it_and_adds_nothing_after(mrml, home, toy_engine,
+                                                                                   tmp_path, engine, clock,
+                                                                                   monkeypatch):
+    import slicer
+
+    monkeypatch.setenv("VOCO_TEST_SLOW", "1")
+    volume, _ = sphere_volume(shape=(120, 120, 40))
+    session = new_session(tmp_path, engine)
+    job = session.segment(volume, str(toy_engine), device="cpu")
+    tick_until(session, lambda: any(e["event"] == "start" for e in job.events))
+    session.scene_closed()
+    slicer.mrmlScene.Clear(False)
+    tick_until(session, lambda: job.finished)
+    assert job.node is None and slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    assert not job.temp_dir.exists() and session.state.job is None
+
+
+def test_versions_are_segmented_one_after_the_other_when_compared(mrml, home, toy_engine, tmp_path, engine, clock):
+    volume, _ = sphere_volume(shape=(24, 24, 16))
+    session = new_session(tmp_path, engine)
+    session.compare_versions(volume, [str(toy_engine), str(toy_engine)], device="cpu", names=["older", "newer"])
+    assert [job.started for job in session.history] == [True, False] and session.busy  # one at a time
+    tick_until(session, lambda: not session.busy)
+    assert [job.node.GetName() for job in session.history] == ["older", "newer"]
+
+
+# --- the clinician loop --------------------------------------------------------------------------------
+
+def corrected_case(shape, seed):
+    from test_client import corrected_case as case
+
+    return case(shape, seed)
+
+
+def test_add_finetune_and_the_new_version_with_its_dice_next_to_the_old(mrml, home, package, tmp_path, engine, clock):
+    from VoCoCommonLib.runs import FINETUNE
+
+    session = new_session(tmp_path, engine)
+    ready(session)
+    selected = []
+    session.modelSelected.connect(selected.append)
+    imported = session.import_model(package)                 # the model becomes one of the list
+    tick_until(session, lambda: selected)
+    assert imported.succeeded and imported.imported["name"] == "organs"
+    organs = session.model(selected.pop())
+    assert organs is not None and organs.installed and organs.dice == 0.25
+    assert not session.buttons(None, organs.spec).finetune.enabled  # no case yet
+    for seed in (1, 2):
+        volume, segmentation, *_ = corrected_case(SHAPE, seed)
+        job = clock.measure("add", session.add_to_training_set, volume, segmentation, organs.spec)
+        tick_until(session, lambda: job.finished)
+        assert job.succeeded, job.error
+        assert session.state.status == f"added case_{seed:04d} to the training set"
+    assert session.state.training_set_count == 2 and session.training_set.folder == home / "training-set"
+    dataset = json.loads(session.training_set.dataset_json.read_text())
+    assert dataset["labels"] == {"0": "background", "1": "liver", "5": "spleen"}  # the model's label values
+
+    run = session.finetune(organs, steps=2, device="cpu", extra_args=["--batch-size", "1", "--patch-size", "32"],
+                           val_every=2)
+    assert session.buttons(None, organs.spec).finetune.text == "Stop fine-tuning"
+    info = session.runs.info(run)
+    assert info.kind == FINETUNE and run.parent == home / "runs"  # the runs workspace both modules share
+    tick_until(session, lambda: selected, timeout=600)
+    new = session.model(selected[0])
+    assert (new.name, new.version) == ("organs", "2") and new.usable
+    assert new.previous_version == "1" and new.previous_dice == pytest.approx(0.25)
+    assert session.state.status.startswith("new model organs v2, validation Dice ") and "(before: 0.250)" in \
+        session.state.status
+    assert session.state.finetuning is None and session.buttons(None, organs.spec).finetune.text == "Fine-tune"
+    assert all(m.needs_finetuning and not m.usable for m in session.state.models if m.kind == "backbone")
+
+
+def test_model_list_marks_backbones_and_puts_dice_next_to_the_previous_version(tmp_path, package):
+    from VoCoSegmentationLib.models import ModelEntry, entries_from_runs, merge_entries
+
+    run = tmp_path / "runs" / "organs-x" / "model"
+    run.mkdir(parents=True)
+    card_values = json.loads((package / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**card_values, "version": "2", "metrics": {"mean_val_dice": 0.5}}))
+    entries = merge_entries([ModelEntry("organs", "1", "segmentation", True, str(package),
+                                        metrics={"mean_val_dice": 0.25}),
+                             ModelEntry("voco-b", "1", "backbone", False)] + entries_from_runs(tmp_path / "runs"))
+    titles = [entry.title for entry in entries]
+    assert titles == ["organs v1 — Dice 0.250", "organs v2 — Dice 0.500 (v1: 0.250)",
+                      "voco-b v1 — backbone, fine-tune first"]
+    assert entries[1].spec == str(run)
+
+
+def test_fine_tuned_names_follow_the_model(tmp_path, package):
+    from VoCoSegmentationLib.models import ModelEntry
+    from VoCoSegmentationLib.session import finetuned_name
+
+    base = ModelEntry("organs", "1", "segmentation", True, str(package))
+    assert finetuned_name(base) == finetuned_name(str(package)) == "organs"
+    assert finetuned_name(ModelEntry("voco-b", "1", "backbone", False)) == "voco-b-seg"
+    (tmp_path / "VoCo_B_SSL_head.pt").write_bytes(b"")
+    assert finetuned_name(str(tmp_path / "VoCo_B_SSL_head.pt")) == "VoCo_B_SSL_head-seg"
+
+
+def test_rotated_roi_under_a_transform_becomes_its_world_bounding_box(mrml):
+    import slicer
+
+    from VoCoSegmentationLib.roi import roi_argument, roi_ras_box
+
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    rotated = np.eye(4)
+    rotated[:3, :3] = rotation(30.0, 2)
+    roi.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(rotated))
+    roi.SetSize(10, 10, 10)
+    shift = np.eye(4)
+    shift[:3, 3] = (100, 0, 0)
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+    roi.SetAndObserveTransformNodeID(transform.GetID())
+
+    half = 5 * (np.cos(np.radians(30)) + np.sin(np.radians(30)))
+    np.testing.assert_allclose(roi_ras_box(roi), (100 - half, -half, -5, 100 + half, half, 5), atol=1e-9)
+    bounds = [0.0] * 6
+    roi.GetRASBounds(bounds)  # Slicer's own world bounds agree
+    np.testing.assert_allclose(roi_ras_box(roi), bounds[0::2] + bounds[1::2], atol=1e-9)
+    volume = add_volume(np.zeros((8, 8, 8)), np.eye(4))
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    np.testing.assert_allclose(roi_ras_box(roi, volume), (-half, -half, -5, half, half, 5), atol=1e-9)
+    assert roi_argument(roi) == ["--roi-ras=" + ",".join(f"{v:.4f}" for v in roi_ras_box(roi))]

@@ -3,7 +3,8 @@
 Its package ``VoCoCommonLib`` reaches the engine (processes, events, the runs workspace, the
 volume hand-off, the environment probe, the dependency installer, the settings). Being a module
 of its own, it is installed and loaded like the others, and both modules name it in their
-``dependencies``; neither module imports from the other's folder.
+``dependencies``; neither module imports from the other's folder. ``showChoices`` is the one
+piece of widget code both modules' panels share.
 """
 
 import logging
@@ -25,3 +26,13 @@ class VoCoCommon(ScriptedLoadableModule):
         unsupported = slicer_unsupported_message()
         if unsupported:
             logging.error(unsupported)
+
+
+def showChoices(comboBox, titles, index) -> None:
+    """Fill a combo box with ``titles`` and select ``index``, without a currentIndexChanged per item."""
+    comboBox.blockSignals(True)
+    comboBox.clear()
+    for title in titles:
+        comboBox.addItem(title)
+    comboBox.currentIndex = index
+    comboBox.blockSignals(False)

@@ -28,6 +28,7 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+from VoCoCommon import showChoices
 from VoCoCommonLib.release import slicer_unsupported_message
 from VoCoCommonLib.settings import read_settings
 
@@ -254,16 +255,10 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if shown == self._shownDevices or not shown:
             return
         self._shownDevices = shown
-        combo = self.ui.deviceComboBox
-        combo.blockSignals(True)
-        combo.clear()
-        for _, title in shown:
-            combo.addItem(title)
         ids = [i for i, _ in shown]
         wanted = self._parameterNode.device if self._parameterNode else "auto"
-        combo.currentIndex = ids.index(wanted) if wanted in ids else 0
-        combo.blockSignals(False)
-        self.onDeviceSelected(combo.currentIndex)
+        showChoices(self.ui.deviceComboBox, [title for _, title in shown], ids.index(wanted) if wanted in ids else 0)
+        self.onDeviceSelected(self.ui.deviceComboBox.currentIndex)
 
     # --- user actions ---------------------------------------------------------------------------
 

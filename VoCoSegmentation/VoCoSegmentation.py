@@ -30,6 +30,7 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+from VoCoCommon import showChoices
 from VoCoCommonLib.release import slicer_unsupported_message
 
 UNSUPPORTED = slicer_unsupported_message()  # None on Slicer 5.10+; the Libs need its Python 3.12
@@ -219,16 +220,11 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if shown == self._shownModels:
             return
         self._shownModels = shown
-        combo = self.ui.modelComboBox
-        combo.blockSignals(True)
-        combo.clear()
-        for _, title in shown:
-            combo.addItem(title)
         specs = [spec for spec, _ in shown]
         wanted = self._parameterNode.model if self._parameterNode else ""
-        combo.currentIndex = specs.index(wanted) if wanted in specs else (0 if specs else -1)
-        combo.blockSignals(False)
-        self.onModelSelected(combo.currentIndex)
+        showChoices(self.ui.modelComboBox, [title for _, title in shown],
+                    specs.index(wanted) if wanted in specs else (0 if specs else -1))
+        self.onModelSelected(self.ui.modelComboBox.currentIndex)
         table = self.ui.modelsTableWidget
         table.setRowCount(len(models))
         for row, entry in enumerate(models):
@@ -243,18 +239,13 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if shown == self._shownDevices or not shown:
             return
         self._shownDevices = shown
-        combo = self.ui.deviceComboBox
-        combo.blockSignals(True)
-        combo.clear()
-        for _, title in shown:
-            combo.addItem(title)
         ids = [i for i, _ in shown]
         wanted = self._parameterNode.device if self._parameterNode else "auto"
-        combo.currentIndex = ids.index(wanted) if wanted in ids else 0
-        combo.blockSignals(False)
-        self.onDeviceSelected(combo.currentIndex)
+        showChoices(self.ui.deviceComboBox, [title for _, title in shown], ids.index(wanted) if wanted in ids else 0)
+        self.onDeviceSelected(self.ui.deviceComboBox.currentIndex)
         environment = self.session.state.environment
-        combo.toolTip = environment.message if environment and environment.message else "Where the engine runs"
+        self.ui.deviceComboBox.toolTip = (environment.message if environment and environment.message
+                                          else "Where the engine runs")
 
     # --- user actions ---------------------------------------------------------------------------
 

@@ -73,7 +73,7 @@ def job_id(job) -> str:
 
 
 def job_row(job) -> dict:
-    state = ("cancelled" if job.cancelled else "running" if not job.finished
+    state = ("cancelled" if job.cancelled else "queued" if not job.started else "running" if not job.finished
              else "finished" if job.succeeded else "failed")
     return {"id": job_id(job), "kind": job.kind, "state": state, "progress": round(100 * job.fraction),
             "status": job.error or job.status}

@@ -53,6 +53,10 @@ class Job:
         return self
 
     @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
     def finished(self) -> bool:
         return self.returncode is not None
 
@@ -77,8 +81,11 @@ class Job:
             new.append(event)
 
     def cancel(self) -> None:
-        """Ask the job to stop; returns at once (the worker stops the engine's process tree)."""
-        if not self.finished:
+        """Ask the job to stop; returns at once (the worker stops the engine's process tree). A job
+        that was never started (a queued one) ends cancelled at once."""
+        if not self.started:
+            self.cancelled, self.status, self.returncode = True, "cancelled", 1
+        elif not self.finished:
             self._cancel.set()
             self.status = "cancelling"
 

@@ -91,14 +91,14 @@ class _Summary:
     dice: list = field(default_factory=list)
     message: str = ""
     model: str | None = None
-    attempt: list = field(default_factory=list)  # event kinds since the last launch line
+    attempt: set = field(default_factory=set)  # the kinds of event seen since the last launch line
 
     def add(self, events: list[dict]) -> None:
         for event in events:
             kind = event.get("event")
             if kind == ev.LAUNCH:
-                self.attempt = []
-            self.attempt.append(kind)
+                self.attempt = set()
+            self.attempt.add(kind)
             if kind in (ev.START, ev.STEP):
                 self.step = event.get("step", self.step)
                 self.total = event.get("total", self.total)
@@ -335,7 +335,7 @@ class Runs:
             return True
         return engine_holds_lock(run_dir)
 
-    def _state(self, run_dir: Path, attempt: list[str], has_checkpoint: bool) -> str:
+    def _state(self, run_dir: Path, attempt: set[str], has_checkpoint: bool) -> str:
         if self._alive(run_dir):
             return RUNNING
         if ev.DONE in attempt:

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from VoCoCommonLib.client import EngineClient
-from VoCoCommonLib.environment import EngineEnvironment, ProbeJob
+from VoCoCommonLib.environment import EngineEnvironment
 from VoCoCommonLib.jobs import Job
 from VoCoCommonLib.runs import PRETRAIN, RUNNING
+from VoCoCommonLib.session import Session
 from VoCoCommonLib.signalling import Signal
 from VoCoCommonLib.training_set import TrainingSet
 from VoCoCommonLib.volumes import snapshot
@@ -73,21 +74,18 @@ class PretrainState:
         return next((r for r in self.runs if r.path == path), None)
 
 
-class PretrainSession:
+class PretrainSession(Session):
     """Signals: ``changed()``, ``errorOccurred(message)``, ``overlayReady(kind, nodes, volume_node)``
     (kind "crops" or "positions"), ``curvesReady(TrainingCurves)``."""
 
     def __init__(self, client: EngineClient | None = None, runs=None, training_set: TrainingSet | None = None):
-        self.client = client or EngineClient()
+        super().__init__(client or EngineClient(), PretrainState())
         self.runs = runs or self.client.runs()
         self.training_set = training_set or TrainingSet(self.client.settings.training_set_dir)
-        self.state = PretrainState()
-        self.changed, self.errorOccurred, self.overlayReady, self.curvesReady = Signal(), Signal(), Signal(), Signal()
-        self.history: list[Job] = []
+        self.overlayReady, self.curvesReady = Signal(), Signal()
         self.curves: TrainingCurves | None = None     # of the selected run
         self._columns, self._tail = None, None        # its CurveColumns and events tail, once loaded
         self._job: Job | None = None                  # the start / overlay job the status line follows
-        self._background: list[Job] = []              # the probe, curve loading
         self._ticks = 0
 
     # --- data ----------------------------------------------------------------------------------
@@ -147,9 +145,7 @@ class PretrainSession:
 
     def refresh(self) -> None:
         """Ask the engine's Python what it has (in the background) and re-read the runs."""
-        if not any(j.kind == "environment" for j in self._background):
-            self.state.environment = None
-            self._background.append(ProbeJob(self.client).start())
+        self.probe_environment()
         self.refresh_runs()
 
     def refresh_runs(self) -> None:
@@ -301,27 +297,16 @@ class PretrainSession:
     def _fail(self, message: str, overlay: bool = False) -> None:
         if overlay:
             self.state.overlay_status = f"error: {message}"
+            self.errorOccurred.emit(message)
         else:
-            self.state.status = f"error: {message}"
-        self.errorOccurred.emit(message)
+            super()._fail(message)
 
-    def _tick_background(self) -> bool:
-        changed = False
-        for job in list(self._background):
-            changed |= bool(job.update())
-            if not job.finished:
-                continue
-            self._background.remove(job)
-            if job.kind == "environment":
-                self.state.environment = job.environment()
-                if self.state.environment.message:
-                    self.state.status = self.state.environment.message
-            elif job.kind == "curves" and str(job.run_dir) == self.state.selected:
-                if job.succeeded:
-                    self._columns, self._tail = job.result
-                else:
-                    self._fail(f"could not read the run's curves: {job.error}")
-        return changed
+    def _background_finished(self, job: Job) -> None:
+        if job.kind == "curves" and str(job.run_dir) == self.state.selected:
+            if job.succeeded:
+                self._columns, self._tail = job.result
+            else:
+                self._fail(f"could not read the run's curves: {job.error}")
 
     def _show_curves(self) -> None:
         if self.curves is None or not self.curves.in_scene():

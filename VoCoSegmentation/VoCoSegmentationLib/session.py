@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from VoCoCommonLib.client import EngineClient
-from VoCoCommonLib.environment import EngineEnvironment, ProbeJob
+from VoCoCommonLib.environment import EngineEnvironment
 from VoCoCommonLib.jobs import Job
 from VoCoCommonLib.runs import DONE, FINETUNE, RUNNING, STOPPED
+from VoCoCommonLib.session import Session
 from VoCoCommonLib.signalling import Signal
 from VoCoCommonLib.training_set import TrainingSet
 
@@ -95,22 +96,20 @@ def finetuned_name(model) -> str:
     return str(model)  # a registry name
 
 
-class SegmentationSession:
+class SegmentationSession(Session):
     """See the module docstring. Signals: ``changed()``, ``resultReady(segmentation_node,
     volume_node)``, ``errorOccurred(message)``, ``modelSelected(spec)`` (a new version to select)."""
 
     def __init__(self, client: EngineClient | None = None, training_set: TrainingSet | None = None, runs=None,
                  temp_root=None):
-        self.client = client or EngineClient()
-        self.training_set = training_set or TrainingSet(self.client.settings.training_set_dir)
+        client = client or EngineClient()
+        self.training_set = training_set or TrainingSet(client.settings.training_set_dir)
+        super().__init__(client, SegmentationState(training_set_count=self.training_set.count))
         self.runs = runs or self.client.runs()
         self.temp_root = temp_root
-        self.state = SegmentationState(training_set_count=self.training_set.count)
-        self.changed, self.resultReady, self.errorOccurred, self.modelSelected = Signal(), Signal(), Signal(), Signal()
-        self.history: list[Job] = []          # every job of this session, oldest first (VoCo Studio's table)
+        self.resultReady, self.modelSelected = Signal(), Signal()
         self._job: Job | None = None          # the job the progress bar shows (segment, import, add a case)
-        self._pending: list = []              # segmentations queued behind it (compare versions)
-        self._background: list[Job] = []      # probe, model list, the import after fine-tuning
+        self._pending: list[Job] = []         # segmentations queued behind it (compare versions), not started
         self._finetune: dict | None = None    # {"run", "base"} while a fine-tuning run goes on
         self._auto = None                     # (every, model, steps, device) for automatic fine-tuning
         self._select = None                   # a new version's spec, selected once the model list has it
@@ -155,9 +154,7 @@ class SegmentationSession:
 
     def refresh(self) -> None:
         """Ask the engine's Python what it has (devices, packages) and list the models, in the background."""
-        if not any(j.kind == "environment" for j in self._background):
-            self.state.environment = None
-            self._background.append(ProbeJob(self.client).start())
+        self.probe_environment()
         self.refresh_models()
 
     def refresh_models(self) -> None:
@@ -167,24 +164,21 @@ class SegmentationSession:
         self._changed()
 
     def segment(self, volume_node, model, device: str = "auto", fast: bool = False, tta: bool = False,
-                roi_node=None, output_node=None, name: str | None = None, queue: bool = False) -> SegmentJob | None:
-        """Start ``voco segment`` on the volume; with ``queue`` it waits for the running job
-        (None is returned then). Raises ValueError with a message for the user on bad input."""
+                roi_node=None, output_node=None, name: str | None = None, queue: bool = False) -> SegmentJob:
+        """Start ``voco segment`` on the volume; with ``queue`` it starts once the running job has
+        ended. Raises ValueError with a message for the user on bad input."""
         if volume_node is None:
             raise ValueError("no input volume selected")
+        if self._job is not None and not queue:
+            raise ValueError("wait for the running job to finish")
         spec = model.spec if isinstance(model, ModelEntry) else str(model or "")
-
-        def make():
-            return SegmentJob(self.client, volume_node, spec, device, fast, tta, roi_node, output_node, name,
-                              self.temp_root)
-
+        job = SegmentJob(self.client, volume_node, spec, device, fast, tta, roi_node, output_node, name, self.temp_root)
         if self._job is not None:
-            if not queue:
-                raise ValueError("wait for the running job to finish")
-            self._pending.append(make)
+            self.history.append(job)
+            self._pending.append(job)
             self._changed()
-            return None
-        return self._start(make())
+            return job
+        return self._start(job)
 
     def compare_versions(self, volume_node, versions: list, device: str = "auto", names=None) -> None:
         """Segment with each version in turn (queued), each result in a node of its own."""
@@ -194,7 +188,7 @@ class SegmentationSession:
 
     def cancel(self) -> None:
         """Stop the running job (and drop the queued ones); returns at once."""
-        self._pending.clear()
+        self._drop_pending()
         if self._job is not None:
             self._job.cancel()
             self.state.status = "cancelling..."
@@ -251,7 +245,7 @@ class SegmentationSession:
 
     def scene_closed(self) -> None:
         """The volumes are gone: a running segmentation is cancelled and its result dropped."""
-        self._pending.clear()
+        self._drop_pending()
         if self._job is not None and self._job.kind == "segment":
             self._job.cancel()
             self._job.volume_node = None
@@ -291,46 +285,34 @@ class SegmentationSession:
         self.changed.emit()
 
     def _start(self, job: Job) -> Job:
-        self.history.append(job)
+        if job not in self.history:
+            self.history.append(job)
         self._job = job.start()
         self.state.fraction, self.state.status = 0.0, job.status
         self._changed()
         return job
 
     def _start_queued(self) -> None:
-        make = self._pending.pop(0)
-        try:
-            self._start(make())
-        except ValueError as exc:
-            self._fail(str(exc))
+        self._start(self._pending.pop(0))
 
-    def _fail(self, message: str) -> None:
-        self.state.status = f"error: {message}"
-        self.errorOccurred.emit(message)
+    def _drop_pending(self) -> None:
+        for job in self._pending:
+            job.cancel()  # never started: cancelled at once
+            job.clean()
+        self._pending.clear()
 
-    def _tick_background(self) -> bool:
-        changed = False
-        for job in list(self._background):
-            changed |= bool(job.update())
-            if not job.finished:
-                continue
-            self._background.remove(job)
-            if job.kind == "environment":
-                self.state.environment = job.environment()
-                if self.state.environment.message:
-                    self.state.status = self.state.environment.message
-            elif job.kind == "models":
-                self.state.models_loading = False
-                try:
-                    self.state.models = job.models()
-                except RuntimeError as exc:
-                    self._fail(str(exc))
-                if self._select is not None:
-                    self.modelSelected.emit(self._select)
-                    self._select = None
-            elif job.kind == "import":
-                self._imported(job)
-        return changed
+    def _background_finished(self, job: Job) -> None:
+        if job.kind == "models":
+            self.state.models_loading = False
+            try:
+                self.state.models = job.models()
+            except RuntimeError as exc:
+                self._fail(str(exc))
+            if self._select is not None:
+                self.modelSelected.emit(self._select)
+                self._select = None
+        elif job.kind == "import":
+            self._imported(job)
 
     def _tick_finetune(self) -> bool:
         run, base = self._finetune["run"], self._finetune["base"]

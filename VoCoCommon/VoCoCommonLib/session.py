@@ -1,0 +1,48 @@
+"""What both modules' sessions share (VoCoSegmentationLib.session, VoCoPretrainLib.session): the
+client, the engine's environment asked in the background, jobs in the background, the history of
+jobs (VoCo Studio's jobs table), and the two signals every view connects: ``changed()`` and
+``errorOccurred(message)``. A session's ``state`` has ``environment`` and ``status``."""
+
+from __future__ import annotations
+
+from .environment import ProbeJob
+from .jobs import Job
+from .signalling import Signal
+
+
+class Session:
+    def __init__(self, client, state):
+        self.client = client
+        self.state = state
+        self.changed, self.errorOccurred = Signal(), Signal()
+        self.history: list[Job] = []          # every job of this session, oldest first
+        self._background: list[Job] = []      # jobs no button waits for (the probe, model lists, ...)
+
+    def probe_environment(self) -> None:
+        """Ask the engine's Python what it has (devices, packages), in the background."""
+        if not any(job.kind == "environment" for job in self._background):
+            self.state.environment = None
+            self._background.append(ProbeJob(self.client).start())
+
+    def _fail(self, message: str) -> None:
+        self.state.status = f"error: {message}"
+        self.errorOccurred.emit(message)
+
+    def _tick_background(self) -> bool:
+        """Advance the background jobs; each finished one goes to ``_background_finished``."""
+        changed = False
+        for job in list(self._background):
+            changed |= bool(job.update())
+            if not job.finished:
+                continue
+            self._background.remove(job)
+            if job.kind == "environment":
+                self.state.environment = job.environment()
+                if self.state.environment.message:
+                    self.state.status = self.state.environment.message
+            else:
+                self._background_finished(job)
+        return changed
+
+    def _background_finished(self, job: Job) -> None:
+        """A background job other than the probe ended (the sessions say what it means)."""

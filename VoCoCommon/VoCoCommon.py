@@ -28,11 +28,15 @@ class VoCoCommon(ScriptedLoadableModule):
             logging.error(unsupported)
 
 
-def showChoices(comboBox, titles, index) -> None:
-    """Fill a combo box with ``titles`` and select ``index``, without a currentIndexChanged per item."""
+def showChoices(comboBox, choices, wanted) -> int:
+    """Fill a combo box with the titles of ``choices`` (``(id, title)`` pairs) without a
+    currentIndexChanged per item, and select the one whose id is ``wanted`` (else the first);
+    the index selected (-1 when there is no choice)."""
+    ids = [choice_id for choice_id, _ in choices]
     comboBox.blockSignals(True)
     comboBox.clear()
-    for title in titles:
+    for _, title in choices:
         comboBox.addItem(title)
-    comboBox.currentIndex = index
+    comboBox.currentIndex = ids.index(wanted) if wanted in ids else (0 if ids else -1)
     comboBox.blockSignals(False)
+    return comboBox.currentIndex

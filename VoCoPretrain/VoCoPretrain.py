@@ -255,10 +255,8 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if shown == self._shownDevices or not shown:
             return
         self._shownDevices = shown
-        ids = [i for i, _ in shown]
-        wanted = self._parameterNode.device if self._parameterNode else "auto"
-        showChoices(self.ui.deviceComboBox, [title for _, title in shown], ids.index(wanted) if wanted in ids else 0)
-        self.onDeviceSelected(self.ui.deviceComboBox.currentIndex)
+        self.onDeviceSelected(showChoices(self.ui.deviceComboBox, shown, self._parameterNode.device
+                                          if self._parameterNode else "auto"))
 
     # --- user actions ---------------------------------------------------------------------------
 

@@ -220,11 +220,8 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if shown == self._shownModels:
             return
         self._shownModels = shown
-        specs = [spec for spec, _ in shown]
-        wanted = self._parameterNode.model if self._parameterNode else ""
-        showChoices(self.ui.modelComboBox, [title for _, title in shown],
-                    specs.index(wanted) if wanted in specs else (0 if specs else -1))
-        self.onModelSelected(self.ui.modelComboBox.currentIndex)
+        self.onModelSelected(showChoices(self.ui.modelComboBox, shown, self._parameterNode.model if self._parameterNode
+                                         else ""))
         table = self.ui.modelsTableWidget
         table.setRowCount(len(models))
         for row, entry in enumerate(models):
@@ -239,10 +236,8 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if shown == self._shownDevices or not shown:
             return
         self._shownDevices = shown
-        ids = [i for i, _ in shown]
-        wanted = self._parameterNode.device if self._parameterNode else "auto"
-        showChoices(self.ui.deviceComboBox, [title for _, title in shown], ids.index(wanted) if wanted in ids else 0)
-        self.onDeviceSelected(self.ui.deviceComboBox.currentIndex)
+        self.onDeviceSelected(showChoices(self.ui.deviceComboBox, shown, self._parameterNode.device
+                                          if self._parameterNode else "auto"))
         environment = self.session.state.environment
         self.ui.deviceComboBox.toolTip = (environment.message if environment and environment.message
                                           else "Where the engine runs")

@@ -517,7 +517,7 @@ def installer(monkeypatch):
 
     def install_torch(askConfirmation=False, torchVersionRequirement=None, **kw):
         calls.append(("installTorch", torchVersionRequirement))
-        sys.modules.setdefault("torch", types.ModuleType("torch"))
+        monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))  # as PyTorchUtils imports it
         return sys.modules["torch"]
 
     utils = types.ModuleType("PyTorchUtils")

@@ -1,7 +1,8 @@
 """What both modules' sessions share (VoCoSegmentationLib.session, VoCoPretrainLib.session): the
 client, the engine's environment asked in the background, jobs in the background, the history of
-jobs (VoCo Studio's jobs table), and the two signals every view connects: ``changed()`` and
-``errorOccurred(message)``. A session's ``state`` has ``environment`` and ``status``."""
+jobs (VoCo Studio's jobs table), the one job the status line follows, and the two signals every
+view connects: ``changed()`` and ``errorOccurred(message)``. A session's ``state`` has
+``environment``, ``status`` and ``job`` (the kind of the job the status line follows)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class Session:
         self.state = state
         self.changed, self.errorOccurred = Signal(), Signal()
         self.history: list[Job] = []          # every job of this session, oldest first
+        self._job: Job | None = None          # the job the status line (and a progress bar) follows
         self._background: list[Job] = []      # jobs no button waits for (the probe, model lists, ...)
 
     def probe_environment(self) -> None:
@@ -23,6 +25,22 @@ class Session:
         if not any(job.kind == "environment" for job in self._background):
             self.state.environment = None
             self._background.append(ProbeJob(self.client).start())
+
+    def _changed(self) -> None:
+        self.state.job = self._job.kind if self._job is not None else None
+        self.changed.emit()
+
+    def _start(self, job: Job) -> Job:
+        if job not in self.history:
+            self.history.append(job)
+        self._job = job.start()
+        self._show_job(job)
+        self._changed()
+        return job
+
+    def _show_job(self, job: Job) -> None:
+        """Where the followed job's progress goes (the sessions say)."""
+        self.state.status = job.status
 
     def _fail(self, message: str) -> None:
         self.state.status = f"error: {message}"

@@ -85,7 +85,6 @@ class PretrainSession(Session):
         self.overlayReady, self.curvesReady = Signal(), Signal()
         self.curves: TrainingCurves | None = None     # of the selected run
         self._columns, self._tail = None, None        # its CurveColumns and events tail, once loaded
-        self._job: Job | None = None                  # the start / overlay job the status line follows
         self._ticks = 0
 
     # --- data ----------------------------------------------------------------------------------
@@ -263,10 +262,7 @@ class PretrainSession(Session):
         job = self._job
         if job is not None:
             changed |= bool(job.update())
-            if job.kind == "start":
-                self.state.status = job.status
-            else:
-                self.state.overlay_status = job.status
+            self._show_job(job)
             if job.finished:
                 self._job = None
                 self._finish(job)
@@ -280,19 +276,12 @@ class PretrainSession(Session):
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _changed(self) -> None:
-        self.state.job = self._job.kind if self._job is not None else None
-        self.changed.emit()
-
-    def _start(self, job: Job) -> Job:
-        self.history.append(job)
-        self._job = job.start()
+    def _show_job(self, job: Job) -> None:
+        """The start of a run in the status line; crop layouts and positions in the overlay line."""
         if job.kind == "start":
             self.state.status = job.status
         else:
             self.state.overlay_status = job.status
-        self._changed()
-        return job
 
     def _fail(self, message: str, overlay: bool = False) -> None:
         if overlay:

@@ -108,7 +108,6 @@ class SegmentationSession(Session):
         self.runs = runs or self.client.runs()
         self.temp_root = temp_root
         self.resultReady, self.modelSelected = Signal(), Signal()
-        self._job: Job | None = None          # the job the progress bar shows (segment, import, add a case)
         self._pending: list[Job] = []         # segmentations queued behind it (compare versions), not started
         self._finetune: dict | None = None    # {"run", "base"} while a fine-tuning run goes on
         self._auto = None                     # (every, model, steps, device) for automatic fine-tuning
@@ -265,7 +264,7 @@ class SegmentationSession(Session):
         job = self._job
         if job is not None:
             changed |= bool(job.update())
-            self.state.fraction, self.state.status = job.fraction, job.status
+            self._show_job(job)
             if job.finished:
                 self._job = None
                 self._finish(job)
@@ -279,18 +278,8 @@ class SegmentationSession(Session):
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _changed(self) -> None:
-        job = self._job
-        self.state.job = job.kind if job is not None else None
-        self.changed.emit()
-
-    def _start(self, job: Job) -> Job:
-        if job not in self.history:
-            self.history.append(job)
-        self._job = job.start()
-        self.state.fraction, self.state.status = 0.0, job.status
-        self._changed()
-        return job
+    def _show_job(self, job: Job) -> None:
+        self.state.fraction, self.state.status = job.fraction, job.status
 
     def _start_queued(self) -> None:
         self._start(self._pending.pop(0))

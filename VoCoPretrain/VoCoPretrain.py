@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -373,16 +372,6 @@ class VoCoPretrainLogic(ScriptedLoadableModuleLogic):
             slicer.util.setSliceViewerLayers(background=volumeNode, foreground=nodes.heatmap,
                                              foregroundOpacity=nodes.display.get("foreground_opacity", 0.5))
 
-    def waitFor(self, condition, timeout=900) -> None:
-        """Tick the session until ``condition()`` (console, self-test). Blocks: not for the GUI."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise TimeoutError("timed out waiting for the engine")
-            self.session.tick()
-            slicer.app.processEvents()
-            time.sleep(0.05)
-
 
 #
 # VoCoPretrainTest
@@ -408,7 +397,8 @@ class VoCoPretrainTest(ScriptedLoadableModuleTest):
             self.logic = VoCoPretrainLogic()
             self.logic.session.set_workspace(self.tempDir / "runs")
             self.logic.session.refresh()
-            self.logic.waitFor(lambda: self.logic.session.state.environment is not None, timeout=300)
+            self.logic.session.wait_until(lambda: self.logic.session.state.environment is not None, 300,
+                                          slicer.app.processEvents)
             environment = self.logic.session.state.environment
             if not environment.ready:
                 self.delayDisplay("Not run: VoCo's Python packages are not installed (Set-up > Check and install "
@@ -435,7 +425,7 @@ class VoCoPretrainTest(ScriptedLoadableModuleTest):
         shown = []
         self.logic.session.overlayReady.connect(lambda kind, nodes, volume: shown.append(nodes))
         job = start()
-        self.logic.waitFor(lambda: job.finished)
+        self.logic.session.wait_until(lambda: job.finished, 900, slicer.app.processEvents)
         self.assertTrue(job.succeeded, job.error)
         self.logic.showOverlay(job.kind, job.nodes, job.volume_node)
         return job.nodes
@@ -458,13 +448,14 @@ class VoCoPretrainTest(ScriptedLoadableModuleTest):
         session = self.logic.session
         run = session.start([volume], preset="demo", backbone="swinunetr-tiny", steps=2, device="cpu",
                             name="selftest")
-        self.logic.waitFor(lambda: session.state.run(run) is not None and session.state.run(run).state != "running"
-                           and session.state.job is None)
+        session.wait_until(lambda: session.state.run(run) is not None and session.state.run(run).state != "running"
+                           and session.state.job is None, 900, slicer.app.processEvents)
         info = session.state.run(run)
         self.assertEqual(info.state, "done", info.message)
         self.assertEqual(info.step, 2)
         self.assertIsNotNone(info.checkpoint)
-        self.logic.waitFor(lambda: session.curves is not None and session.curves.loss_table.GetNumberOfRows() >= 1)
+        session.wait_until(lambda: session.curves is not None and session.curves.loss_table.GetNumberOfRows() >= 1, 60,
+                           slicer.app.processEvents)
         self.assertGreaterEqual(session.curves.chart.GetNumberOfPlotSeriesNodes(), 1)
         self.logic.showCurves(session.curves)
         self.delayDisplay("Pretrained 2 steps; curves plotted")

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -359,19 +358,10 @@ class VoCoSegmentationLogic(ScriptedLoadableModuleLogic):
     def process(self, volumeNode, model, device="auto", fast=False, tta=False, roiNode=None, timeout=600):
         """Segment and wait (console, self-test): returns the segmentation node. Blocks: not for the GUI."""
         job = self.session.segment(volumeNode, model, device=device, fast=fast, tta=tta, roi_node=roiNode)
-        self.waitFor(lambda: job.finished, timeout)
+        self.session.wait_until(lambda: job.finished, timeout, slicer.app.processEvents)
         if not job.succeeded or job.node is None:
             raise RuntimeError(job.error or job.status)
         return job.node
-
-    def waitFor(self, condition, timeout=600) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise TimeoutError("the engine is still running")
-            self.session.tick()
-            slicer.app.processEvents()
-            time.sleep(0.05)
 
 
 #
@@ -422,7 +412,7 @@ class VoCoSegmentationTest(ScriptedLoadableModuleTest):
     def _engineReady(self) -> bool:
         session = self.logic.session
         session.refresh()
-        self.logic.waitFor(lambda: session.state.environment is not None, timeout=300)
+        session.wait_until(lambda: session.state.environment is not None, 300, slicer.app.processEvents)
         if not session.state.environment.ready:
             self.delayDisplay("Not run: VoCo's Python packages are not installed (Set-up > Check and install "
                               f"dependencies): {session.state.environment.message}")
@@ -481,7 +471,7 @@ class VoCoSegmentationTest(ScriptedLoadableModuleTest):
         before = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
         job = session.segment(volume, self.package, device="cpu", tta=True)
         session.cancel()
-        self.logic.waitFor(lambda: job.finished, timeout=120)
+        session.wait_until(lambda: job.finished, 120, slicer.app.processEvents)
         self.assertTrue(job.cancelled)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), before)
         self.assertFalse(job.temp_dir.exists())

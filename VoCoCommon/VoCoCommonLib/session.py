@@ -6,6 +6,8 @@ view connects: ``changed()`` and ``errorOccurred(message)``. A session's ``state
 
 from __future__ import annotations
 
+import time
+
 from .environment import ProbeJob
 from .jobs import Job
 from .signalling import Signal
@@ -37,6 +39,34 @@ class Session:
         self._show_job(job)
         self._changed()
         return job
+
+    def wait_until(self, condition, timeout: float = 600, between=None) -> None:
+        """Tick (the session's ``tick``) until ``condition()``, for the console, scripts and self-tests; it blocks, so it is
+        never for the GUI (``between``: called after each tick, e.g. ``slicer.app.processEvents``)."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError("timed out waiting for the engine")
+            self.tick()
+            if between is not None:
+                between()
+            time.sleep(0.05)
+
+    def _tick_job(self) -> bool:
+        """Advance the followed job; a finished one goes to ``_finish``."""
+        job = self._job
+        if job is None:
+            return False
+        changed = bool(job.update())
+        self._show_job(job)
+        if job.finished:
+            self._job = None
+            self._finish(job)
+            changed = True
+        return changed
+
+    def _finish(self, job: Job) -> None:
+        """The followed job ended (the sessions say what it means)."""
 
     def _show_job(self, job: Job) -> None:
         """Where the followed job's progress goes (the sessions say)."""

@@ -259,14 +259,7 @@ class PretrainSession(Session):
         if self._columns is not None and (new or self.curves is None or not self.curves.in_scene()):
             self._show_curves()
             changed = True
-        job = self._job
-        if job is not None:
-            changed |= bool(job.update())
-            self._show_job(job)
-            if job.finished:
-                self._job = None
-                self._finish(job)
-                changed = True
+        changed |= self._tick_job()
         if new or changed or self._ticks % RUNS_REFRESH_TICKS == 0:
             self.refresh_runs()
             changed = True

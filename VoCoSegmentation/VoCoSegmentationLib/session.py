@@ -261,14 +261,7 @@ class SegmentationSession(Session):
         changed = self._tick_background()
         if self._finetune is not None:
             changed |= self._tick_finetune()
-        job = self._job
-        if job is not None:
-            changed |= bool(job.update())
-            self._show_job(job)
-            if job.finished:
-                self._job = None
-                self._finish(job)
-                changed = True
+        changed |= self._tick_job()
         if self._job is None and self._pending:
             self._start_queued()
             changed = True

@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("path")
     q.add_argument("--name", help="name to install it under")
 
+    p = sub.add_parser("samples", help="real volumes that ship inside PyPI wheels: list, fetch (checked by sha256)")
+    samples = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    samples.add_parser("list", help="the sample volumes")
+    q = samples.add_parser("fetch", help="download one into the cache and print its path")
+    q.add_argument("name")
+
     p = sub.add_parser("demo", help="the main job: pretrain on real volumes shipped in packages, draw the results")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the demo's)")
@@ -237,8 +243,27 @@ def cmd_models(args, reporter) -> int:
     return 0
 
 
+def cmd_samples(args, reporter) -> int:
+    from .data import sample_data
+
+    if args.action == "list":
+        samples = [{"name": s.name, "modality": s.modality, "description": s.description} for s in sample_data.SAMPLES]
+        if args.progress == "jsonl":  # stdout carries only events
+            reporter.emit("samples", samples=samples)
+        else:
+            print("\n".join(f"{s['name']:<22} {s['modality']:<6} {s['description']}" for s in samples))
+        return 0
+    path = sample_data.fetch(args.name)
+    if args.progress == "jsonl":
+        reporter.emit("done", path=str(path))
+    else:
+        print(path)
+    return 0
+
+
 COMMANDS = {"pretrain": cmd_pretrain, "crops": cmd_crops, "positions": cmd_positions, "finetune": cmd_finetune,
-            "segment": cmd_segment, "checkpoint": cmd_checkpoint, "models": cmd_models, "demo": cmd_demo}
+            "segment": cmd_segment, "checkpoint": cmd_checkpoint, "models": cmd_models, "samples": cmd_samples,
+            "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

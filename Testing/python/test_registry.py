@@ -316,3 +316,113 @@ def test_cli_models_list_download_import_and_unknown_name(server, cache, tmp_pat
     unknown = run_voco("models", "download", "nope", env=env)
     assert unknown.returncode == 2 and unknown.stdout == ""
     assert unknown.stderr.splitlines() == ["error: 'nope' is not a known model; known models: tiny-b (see voco models list)"]
+
+
+# --- segmentation models published as checkpoints (VoComni) -----------------------------------
+
+VOCOMNI_NAMES = ["spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
+                 "inferior vena cava", "portal and splenic veins", "pancreas", "right adrenal gland",
+                 "left adrenal gland", "liver tumor", "pancreas tumor", "kidney tumor", "COVID-19 lesion", "colon",
+                 "colon cancer", "lung cancer"]
+
+
+@pytest.fixture(scope="module")
+def vocomni_b(tmp_path_factory):
+    """VoComni_B.pt as the authors publish it (a SwinUNETR-B with 21 outputs under state_dict)."""
+    from published_files import write_vocomni_checkpoint
+
+    return write_vocomni_checkpoint(tmp_path_factory.mktemp("published") / "VoComni_B.pt")
+
+
+def test_shipped_registry_offers_vocomni_models_that_segment_with_coded_labels(monkeypatch):
+    monkeypatch.delenv("VOCO_REGISTRY", raising=False)
+    entries = {entry["name"]: entry for entry in registry.registry_entries()}
+    for size, architecture in (("b", "swinunetr-b"), ("l", "swinunetr-l"), ("h", "swinunetr-h")):
+        entry = entries[f"vocomni-{size}"]
+        assert (entry["kind"], entry["file"], entry["architecture"]) == (
+            "segmentation", f"VoComni_{size.upper()}.pt", architecture)
+        assert entry["url"] == f"https://huggingface.co/Luffy503/VoCo/resolve/main/VoComni_{size.upper()}.pt"
+        assert len(entry["sha256"]) == 64 and entry["size_bytes"] > 0
+        assert [(label["value"], label["name"]) for label in entry["labels"]] == list(enumerate(VOCOMNI_NAMES, 1))
+        assert entry["preprocessing"] == {"modality": "ct", "spacing": [1.5, 1.5, 1.5], "patch_size": [96, 96, 96],
+                                          "fast_spacing": None}
+    labels = {label["name"]: label for label in entries["vocomni-b"]["labels"]}
+    assert labels["left kidney"]["terminology"]["modifier"]["meaning"] == "Left"
+    assert labels["liver tumor"]["terminology"]["region"]["meaning"] == "Liver"
+    assert labels["COVID-19 lesion"]["terminology"] is None  # no code of Slicer's lists says it: none rather than a wrong one
+    assert len({label["color"] for label in labels.values()}) == 19  # the two kidneys share Slicer's kidney colour
+    assert all(entries[f"voco-{size}"]["sha256"] for size in "blh")
+
+
+def test_import_of_a_published_vocomni_checkpoint_makes_the_entry_segment_offline(cache, vocomni_b, tmp_path,
+                                                                                 monkeypatch):
+    from published_files import registry_for
+
+    from voco.inference.segment import load_network
+
+    env = {"VOCO_MODELS_DIR": str(cache), "VOCO_REGISTRY": str(registry_for(tmp_path, {"VoComni_B.pt": vocomni_b}))}
+    imported = run_voco("models", "import", vocomni_b, "--progress", "jsonl", env=env)
+    assert imported.returncode == 0, imported.stderr
+    assert [e["event"] for e in events(imported.stdout)] == ["imported", "done"]
+    folder = cache / "vocomni-b" / "1.0"
+    assert sorted(p.name for p in folder.iterdir()) == ["VoComni_B.pt", "entry.json", "model.json"]
+    assert (folder / "VoComni_B.pt").read_bytes() == vocomni_b.read_bytes()  # installed as published
+    monkeypatch.setenv("VOCO_REGISTRY", env["VOCO_REGISTRY"])
+    package = registry.resolve_package("vocomni-b", SilentReporter())
+    assert package.folder == folder and package.card.weights_file == "VoComni_B.pt"
+    assert [label.name for label in package.card.labels] == VOCOMNI_NAMES and package.card.num_classes == 21
+    network = load_network(package, torch.device("cpu"))  # strict: every tensor of the file has its place
+    assert network.out.conv.conv.weight.shape[0] == 21
+    assert [r["installed"] for r in registry.list_models() if r["name"] == "vocomni-b"] == [True]
+
+
+def test_the_shipped_registry_refuses_a_file_that_is_not_the_published_one(cache, vocomni_b, monkeypatch):
+    monkeypatch.delenv("VOCO_REGISTRY", raising=False)
+    with pytest.raises(VocoInputError, match="differs from the registry's b3b3e27"):
+        registry.import_model(vocomni_b, SilentReporter())
+    assert _installed_files(cache) == []
+
+
+def test_a_segmentation_checkpoint_holding_another_network_is_refused_naming_the_file(server, cache, tmp_path):
+    from published_files import write_vocomni_checkpoint
+
+    labels = [{"value": v, "name": f"organ {v}", "color": "#808080"} for v in (1, 2)]
+    entry = {**_entry(server, "omni", "omni.pt", kind="segmentation", architecture="swinunetr-tiny"), "labels": labels,
+             "preprocessing": {"modality": "ct", "spacing": [1.5, 1.5, 1.5], "patch_size": [32, 32, 32]}}
+    _register(entry)
+    wrong = write_vocomni_checkpoint(tmp_path / "omni.pt", "swinunetr-tiny", classes=5)
+    with pytest.raises(VocoInputError, match=rf"{wrong}: holds swinunetr-tiny weights with 1 input channel\(s\) and 5 "
+                                             "output classes; model omni needs swinunetr-tiny, 1 channel.*3 classes"):
+        registry.import_model(wrong, SilentReporter())
+    assert _installed_files(cache) == []
+    _register({**entry, "labels": []})
+    with pytest.raises(VocoInputError, match="must give labels and preprocessing"):
+        registry.registry_entries()
+
+
+def test_a_segmentation_checkpoint_downloads_into_a_package_that_segments(server, cache, tmp_path):
+    from published_files import sha256_of, write_vocomni_checkpoint
+
+    labels = [{"value": 1, "name": "sphere", "color": "#80ae80"}]
+    checkpoint = write_vocomni_checkpoint(tmp_path / "omni.pt", "swinunetr-tiny", classes=2)
+    server.state["files"]["omni.pt"] = checkpoint.read_bytes()
+    _register({**_entry(server, "omni", "omni.pt", kind="segmentation", architecture="swinunetr-tiny",
+                        sha256=sha256_of(checkpoint)), "labels": labels,
+               "preprocessing": {"modality": "mri", "spacing": [2.0, 2.0, 2.0], "patch_size": [32, 32, 32]}})
+    reporter = Events()
+    folder = registry.download("omni", reporter)
+    assert [event for event, _ in reporter.seen][-1] == "download"
+    assert json.loads((folder / "entry.json").read_text())["sha256_source"] == "registry"
+    import numpy as np
+    import nibabel as nib
+
+    from phantoms import oblique_affine, sphere_image
+
+    affine, shape = oblique_affine(), (48, 40, 20)
+    nib.save(nib.Nifti1Image(sphere_image(affine, shape).astype(np.float32), affine), tmp_path / "ct.nii.gz")
+    env = {"VOCO_MODELS_DIR": str(cache), "VOCO_REGISTRY": os.environ["VOCO_REGISTRY"]}
+    done = run_voco("segment", tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", "--model", "omni", "--device", "cpu",
+                    env=env)
+    assert done.returncode == 0, done.stderr
+    sidecar = json.loads((tmp_path / "seg.json").read_text())
+    assert (sidecar["model"]["name"], [label["name"] for label in sidecar["labels"]]) == ("omni", ["sphere"])

@@ -8,12 +8,17 @@ A package is a folder with two files::
     weights.pt   {"format": "voco-model", "state_dict": {...}}: tensors only, loadable with
                  torch.load(weights_only=True); its sha256 is recorded in the card
 
+A published segmentation checkpoint (VoComni_B.pt) is installed as it was published: the card
+names it as ``weights_file`` and its weights are read through the published-layout loader
+(``voco.checkpoints.layouts``), so the file keeps the sha256 its publisher gives.
+
 Everything needed to run the model is in the card; nothing is guessed at inference time.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +31,7 @@ from ..models.backbones import BACKBONES
 CARD_NAME = "model.json"
 WEIGHTS_NAME = "weights.pt"
 FORMAT = "voco-model"
+_PLAIN_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 # Colours for labels that come without one (Slicer's GenericAnatomyColors feel: distinct, not garish).
 PALETTE = ("#80ae80", "#f1d691", "#b17a65", "#6fb8d2", "#d8654f", "#dd8244", "#90ee90", "#c0685c",
@@ -64,6 +70,7 @@ class ModelCard:
     metrics: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)  # provenance: data, init weights, steps
     weights_sha256: str | None = None
+    weights_file: str = WEIGHTS_NAME  # beside the card; another name: a published checkpoint as it was published
 
     @property
     def num_classes(self) -> int:
@@ -95,6 +102,8 @@ class ModelCard:
     def validate(self, source=None) -> None:
         if self.architecture not in BACKBONES:
             raise VocoInputError(f"model card names unknown architecture {self.architecture!r}", source)
+        if not _PLAIN_FILE.fullmatch(str(self.weights_file)):
+            raise VocoInputError(f"model card weights_file {self.weights_file!r} is not a plain file name", source)
         values = [label.value for label in self.labels]
         if not values or min(values) < 1 or len(set(values)) != len(values):
             raise VocoInputError("model card labels must be distinct values >= 1 (0 is background)", source)
@@ -118,13 +127,30 @@ class ModelPackage:
 
     @property
     def weights_path(self) -> Path:
-        return self.folder / WEIGHTS_NAME
+        return self.folder / self.card.weights_file
 
     def load_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.card.weights_file != WEIGHTS_NAME:
+            return published_state_dict(self.weights_path, self.card)
         state = load_checkpoint(self.weights_path)
         if state.get("format") != FORMAT or not isinstance(state.get("state_dict"), dict):
             raise VocoInputError(f"not the weights of a {FORMAT} package", self.weights_path)
         return state["state_dict"]
+
+
+def published_state_dict(path: Path, card: ModelCard) -> dict[str, torch.Tensor]:
+    """The whole network's weights from a published checkpoint, with this project's names, after
+    checking that the file holds the card's network (architecture, input channels, classes)."""
+    from ..checkpoints.layouts import read_weights
+
+    weights = read_weights(path)
+    found = (weights.architecture, weights.in_channels, weights.num_classes)
+    if found != (card.architecture, card.in_channels, card.num_classes):
+        head = f"{weights.num_classes} output classes" if weights.num_classes else "no segmentation head"
+        raise VocoInputError(f"holds {weights.architecture} weights with {weights.in_channels} input channel(s) and "
+                             f"{head}; model {card.name} needs {card.architecture}, {card.in_channels} channel(s), "
+                             f"{card.num_classes} classes (background included)", path)
+    return weights.state
 
 
 def write_package(folder: str | Path, card: ModelCard, state_dict: dict[str, torch.Tensor]) -> ModelPackage:

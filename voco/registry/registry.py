@@ -5,11 +5,14 @@ Registry (``$VOCO_REGISTRY``, else the extension's ``Resources/models.json``)::
     {"format": "voco-registry", "format_version": 1, "models": [entry, ...]}
 
 An entry: ``name``, ``version``, ``kind`` ("backbone": pretrained weights for ``voco finetune
---init``; "segmentation": a model package for ``voco segment``, distributed as a .zip of the
-package folder), ``url``, ``sha256`` (null: the server's X-Linked-Etag or ``--sha256`` decides),
-``size_bytes``, ``file``, ``architecture``, ``in_channels``, ``preprocessing`` (the fields of
-``package.Preprocessing``; modality "ct" is the CT window -175..250 HU scaled to [0, 1]),
-``labels`` (those of ``package.Label``), ``metrics``, ``description``, ``citation``, ``license``.
+--init``; "segmentation": a model for ``voco segment``, distributed as a .zip of a package folder
+or as a published checkpoint such as VoComni_B.pt), ``url``, ``sha256`` (null: the server's
+X-Linked-Etag or ``--sha256`` decides), ``size_bytes``, ``file``, ``architecture``,
+``in_channels``, ``preprocessing`` (the fields of ``package.Preprocessing``; modality "ct" is the
+CT window -175..250 HU scaled to [0, 1]), ``labels`` (those of ``package.Label``, or the name of
+one of the registry's ``label_sets``), ``metrics``, ``description``, ``citation``, ``license``.
+A segmentation checkpoint carries no card, so its entry must give labels and preprocessing: at
+install the engine checks the file holds that network and writes the card beside it.
 A name may be listed in several versions; the last one listed is the current one.
 
 Cache (``$VOCO_MODELS_DIR``, else ``~/.cache/voco/models``)::
@@ -17,7 +20,7 @@ Cache (``$VOCO_MODELS_DIR``, else ``~/.cache/voco/models``)::
     <name>/<version>/entry.json   the entry, plus the verified sha256, where that came from, the
                                   source (URL or imported path) and the installed size
     <name>/<version>/<file>       a backbone, or
-    <name>/<version>/model.json + weights.pt   a model package
+    <name>/<version>/model.json + weights.pt   a model package (or + the published checkpoint)
     .partial/<file>.part(.json)   an unfinished download and the sha256 it must have
 
 A model folder is assembled beside the cache's entries and appears in one rename, so a folder with
@@ -41,7 +44,8 @@ from ..checkpoints.files import sha256_of
 from ..errors import VocoInputError
 from ..models.backbones import BACKBONES
 from .download import fetch
-from .package import WEIGHTS_NAME, ModelPackage, read_package
+from .package import (CARD_NAME, WEIGHTS_NAME, Label, ModelCard, ModelPackage, Preprocessing, published_state_dict,
+                      read_package)
 
 FORMAT = "voco-registry"
 KINDS = ("backbone", "segmentation")
@@ -77,7 +81,23 @@ def registry_entries() -> list[dict]:
         raise VocoInputError(f"invalid JSON: {exc}", path) from None
     if not isinstance(values, dict) or values.get("format") != FORMAT or not isinstance(values.get("models"), list):
         raise VocoInputError(f"not a {FORMAT} file with a list of models", path)
-    return [{**OPTIONAL, **_checked_entry(entry, index, path)} for index, entry in enumerate(values["models"])]
+    label_sets = values.get("label_sets") or {}
+    entries = [{**OPTIONAL, **_with_labels(entry, label_sets, index, path)} for index, entry in enumerate(values["models"])]
+    return [_checked_entry(entry, index, path) for index, entry in enumerate(entries)]
+
+
+def _with_labels(entry, label_sets: dict, index: int, path: Path):
+    """``entry`` with a label set's name replaced by its labels."""
+    if isinstance(entry, dict) and isinstance(entry.get("labels"), str):
+        if not isinstance(label_sets.get(entry["labels"]), list):
+            raise VocoInputError(f"model {index} ({entry.get('name', '?')}): no label set {entry['labels']!r}", path)
+        return {**entry, "labels": label_sets[entry["labels"]]}
+    return entry
+
+
+def is_checkpoint_model(entry: dict) -> bool:
+    """A segmentation model distributed as a published checkpoint, not as a package .zip."""
+    return entry["kind"] == "segmentation" and str(entry["file"]).lower().endswith(CHECKPOINT_SUFFIXES)
 
 
 def _checked_entry(entry, index: int, path: Path) -> dict:
@@ -92,8 +112,12 @@ def _checked_entry(entry, index: int, path: Path) -> dict:
         (entry.get("sha256") is not None and not _SHA256.fullmatch(str(entry["sha256"])),
          "sha256 must be null or 64 lowercase hex digits"),
         (entry.get("architecture") not in BACKBONES, f"architecture must be one of {', '.join(BACKBONES)}"),
-        (entry.get("kind") == "segmentation" and not str(entry.get("file")).endswith(".zip"),
-         "a segmentation model is distributed as a .zip of its package folder"),
+        (entry.get("kind") == "segmentation" and not str(entry.get("file")).lower().endswith((".zip", *CHECKPOINT_SUFFIXES)),
+         f"a segmentation model is distributed as a .zip of its package folder or a checkpoint "
+         f"({', '.join(CHECKPOINT_SUFFIXES)})"),
+        (entry.get("kind") == "segmentation" and str(entry.get("file")).lower().endswith(CHECKPOINT_SUFFIXES)
+         and not (entry.get("labels") and entry.get("preprocessing")),
+         "a segmentation checkpoint has no model card: its entry must give labels and preprocessing"),
     ]
     for failed, message in problems:
         if failed:
@@ -138,7 +162,7 @@ def installed_record(name: str, version: str) -> dict | None:
     try:
         record = json.loads((models_dir() / name / version / ENTRY_NAME).read_text(encoding="utf-8"))
         main = installed_path(record)
-        main = main if record["kind"] == "backbone" else main / WEIGHTS_NAME
+        main = main if record["kind"] == "backbone" else main / record.get("weights_file", WEIGHTS_NAME)
         return record if main.is_file() and main.stat().st_size == record["installed_bytes"] else None
     except (OSError, ValueError, KeyError, TypeError):  # absent, half-deleted or hand-edited
         return None
@@ -196,7 +220,7 @@ def download(name: str, reporter, sha256: str | None = None, version: str | None
     record = {**entry, "sha256": digest, "source": entry["url"],
               "sha256_source": "registry" if entry["sha256"] else "--sha256" if sha256 else "X-Linked-Etag"}
     try:
-        if entry["kind"] == "backbone":
+        if entry["kind"] == "backbone" or is_checkpoint_model(entry):
             return _install(record, part, move=True)
         with _unzipped(part, shown_as=entry["url"]) as package:
             return _install(record, package.folder, move=True)
@@ -258,10 +282,10 @@ def _entry_record(entry: dict, digest: str, source: Path) -> dict:
         raise VocoInputError(f"sha256 {digest} differs from the registry's {entry['sha256']} for "
                              f"{entry['name']} {entry['version']}", source)
     is_zip = source.suffix.lower() == ".zip"
-    if is_zip != (entry["kind"] == "segmentation"):
-        raise VocoInputError(f"registry model {entry['name']} is a {entry['kind']} ({entry['file']}), not a "
+    if is_zip != (entry["file"].lower().endswith(".zip")):
+        raise VocoInputError(f"registry model {entry['name']} is distributed as {entry['file']}, not as a "
                              f"{'package .zip' if is_zip else 'checkpoint'}", source)
-    if not entry["sha256"] and not is_zip:  # no checksum vouches for it: at least look inside
+    if not entry["sha256"] and entry["kind"] == "backbone":  # no checksum vouches for it: at least look inside
         from ..checkpoints.layouts import read_weights
 
         detected = read_weights(source).architecture
@@ -289,7 +313,7 @@ def _package_record(package: ModelPackage, name: str | None, digest: str) -> dic
             "architecture": card.architecture, "in_channels": card.in_channels,
             "preprocessing": asdict(card.preprocessing), "labels": [asdict(label) for label in card.labels],
             "metrics": card.metrics, "description": card.description, "sha256": digest,
-            "sha256_source": "computed at import"}
+            "weights_file": card.weights_file, "sha256_source": "computed at import"}
 
 
 def _plain_name(text: str, source) -> str:
@@ -312,7 +336,9 @@ def _install(record: dict, content: Path, move: bool = False) -> Path:
         else:
             staging.mkdir()
             (os.replace if move else shutil.copyfile)(content, staging / record["file"])
-        main = staging / (record["file"] if record["kind"] == "backbone" else WEIGHTS_NAME)
+            if record["kind"] == "segmentation":
+                record = _write_checkpoint_card(record, staging, shown_as=record.get("source") or content)
+        main = staging / (record["file"] if record["kind"] == "backbone" else record.get("weights_file", WEIGHTS_NAME))
         record = {**record, "installed_bytes": main.stat().st_size,
                   "installed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (staging / ENTRY_NAME).write_text(json.dumps(record, indent=1), encoding="utf-8")
@@ -320,6 +346,24 @@ def _install(record: dict, content: Path, move: bool = False) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return installed_path(record)
+
+
+def _write_checkpoint_card(record: dict, folder: Path, shown_as) -> dict:
+    """The card of a segmentation model published as a bare checkpoint, written beside it from its
+    registry entry, once the file is known to hold that network; returns the record with its
+    ``weights_file``."""
+    card = ModelCard(name=record["name"], version=record["version"], architecture=record["architecture"],
+                     in_channels=record["in_channels"], labels=[Label(**label) for label in record["labels"]],
+                     preprocessing=Preprocessing(**record["preprocessing"]), description=record["description"],
+                     metrics=record["metrics"], training={"published": record.get("url"), "citation": record["citation"]},
+                     weights_sha256=record["sha256"], weights_file=record["file"])
+    card.validate(shown_as)
+    try:
+        published_state_dict(folder / record["file"], card)
+    except VocoInputError as exc:
+        raise VocoInputError(str(exc).replace(str(folder / record["file"]), str(shown_as))) from None
+    (folder / CARD_NAME).write_text(json.dumps(card.to_dict(), indent=1), encoding="utf-8")
+    return {**record, "weights_file": record["file"]}
 
 
 def _replace_folder(new: Path, target: Path) -> None:

@@ -312,8 +312,10 @@ class Finetuner:
         config = self.config
         name = config.name or self.run_dir.resolve().name
         version = "1"
-        if self.parent and self.parent["name"] == name and str(self.parent["version"]).isdigit():
-            version = str(int(self.parent["version"]) + 1)  # the clinician loop's next model version
+        parent_major = str(self.parent["version"]).split(".")[0] if self.parent else ""
+        if self.parent and self.parent["name"] == name and parent_major.isdigit():
+            # The clinician loop's next model version: 3 after 2, 2 after a published 1.0.
+            version = str(int(parent_major) + 1)
         metrics = {"val_dice": self.best["dice"], "mean_val_dice": self.best["mean"], "step": self.best["step"],
                    "val_cases": [case.name for case in self.val_cases], "on_training_data": self.val_on_training}
         return ModelCard(

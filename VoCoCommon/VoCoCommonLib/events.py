@@ -1,9 +1,9 @@
 """The engine's progress events as the front ends read them: their names, and JSON lines.
 
 The engine (``python -m voco ... --progress jsonl``) writes one JSON object per line, each with
-``"event"`` (README.md, "Progress protocol"). The front ends add three of their own: ``exit``
-(always the last event of a process), ``launch`` (a run's attempt begins) and
-``stop_requested`` (the user stopped a run).
+``"event"`` (README.md, "Progress protocol"). The front ends add four of their own: ``exit``
+(always the last event of a process), ``launch`` (a run's attempt begins),
+``stop_requested`` (the user stopped a run) and ``log`` (a line the engine wrote on stderr).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 START, STEP, PROGRESS, DONE = "start", "step", "progress", "done"
 ERROR, WARNING, CANCELLED = "error", "warning", "cancelled"
 VAL_DICE, DOWNLOAD, MODELS, IMPORTED = "val_dice", "download", "models", "imported"
-EXIT, LAUNCH, STOP_REQUESTED = "exit", "launch", "stop_requested"
+EXIT, LAUNCH, STOP_REQUESTED, LOG = "exit", "launch", "stop_requested", "log"
 
 
 def json_records(text: str) -> list[dict]:

@@ -69,15 +69,17 @@ class Job:
         return self._cancel.is_set() and not self.finished
 
     def update(self) -> list[dict]:
-        """Take the events that arrived and apply them; returns them. Never blocks."""
+        """Take the events that arrived and apply them; returns them, with the engine's stderr
+        lines (``log`` events, which ``events`` leaves out). Never blocks."""
         new = []
         while True:
             try:
                 event = self._queue.get_nowait()
             except queue.Empty:
                 return new
-            self.events.append(event)
-            self.apply(event)
+            if event.get("event") != ev.LOG:
+                self.events.append(event)
+                self.apply(event)
             new.append(event)
 
     def cancel(self) -> None:
@@ -107,8 +109,10 @@ class Job:
         elif kind == ev.CANCELLED:
             self.cancelled = True
             self.status = "cancelled"
-        elif kind == ev.DOWNLOAD:
+        elif kind == ev.DOWNLOAD:  # a model fetched on first use: the progress bar shows the download
             percent = event.get("percent")
+            if percent is not None:
+                self.fraction = min(1.0, max(0.0, percent / 100))
             self.status = f"downloading {event.get('name', 'model')}" + (f" {percent:.0f} %" if percent is not None else "")
         elif kind == ev.EXIT:
             self.returncode = int(event.get("returncode", -1))

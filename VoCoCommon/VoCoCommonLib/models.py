@@ -1,5 +1,5 @@
-"""The model list of the module's combo box: registry entries, installed and imported models,
-fine-tuned versions, each with its validation Dice next to the previous version's.
+"""The model list both modules offer: registry entries, installed and imported models, fine-tuned
+versions, each with its validation Dice next to the previous version's.
 
 It comes from ``python -m voco models list --progress jsonl`` (``ModelsJob``, in the
 background) plus the model packages of fine-tuning runs in the runs workspace
@@ -30,6 +30,7 @@ class ModelEntry:
     source: str = "registry"  # "registry", "installed" (imported/cached only) or "run" (a local fine-tuning run)
     previous_version: str | None = None
     previous_dice: float | None = None
+    size_bytes: int | None = None  # of the download, for a registry model not installed yet
 
     @property
     def usable(self) -> bool:
@@ -66,8 +67,25 @@ class ModelEntry:
             if self.previous_dice is not None:
                 text += f" (v{self.previous_version}: {self.previous_dice:.3f})"
         if not self.installed and self.kind == "segmentation":
-            text += " — will download"
+            text += " — will download" + (f" {self.size_bytes / 1e6:.0f} MB" if self.size_bytes else "")
         return text
+
+
+def finetuned_name(model) -> str:
+    """The name the fine-tuned package gets: the same as a segmentation model's (so it becomes its
+    next version), ``<backbone>-seg`` for a backbone (a backbone's name and version are taken)."""
+    if isinstance(model, ModelEntry):
+        return f"{model.name}-seg" if model.needs_finetuning else model.name
+    path = Path(str(model))
+    card = path / "model.json"
+    if card.is_file():
+        try:
+            return str(json.loads(card.read_text(encoding="utf-8"))["name"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if path.is_file():  # a checkpoint file
+        return f"{path.name.split('.')[0]}-seg"
+    return str(model)  # a registry name
 
 
 def entries_from_event(event: dict) -> list[ModelEntry]:
@@ -79,7 +97,8 @@ def entries_from_event(event: dict) -> list[ModelEntry]:
                                   installed=bool(row.get("installed")), path=row.get("path"),
                                   architecture=row.get("architecture"), labels=list(row.get("labels") or []),
                                   metrics=dict(row.get("metrics") or {}), description=row.get("description") or "",
-                                  source="registry" if from_registry else "installed"))
+                                  source="registry" if from_registry else "installed",
+                                  size_bytes=row.get("size_bytes") if isinstance(row.get("size_bytes"), int) else None))
     return entries
 
 

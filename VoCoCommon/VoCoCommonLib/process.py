@@ -214,6 +214,7 @@ class EngineProcess:
     def _read_stderr(self) -> None:
         for line in self._process.stderr:
             self.stderr_tail.append(line.rstrip("\n"))
+            self._events.put({"event": ev.LOG, "line": line.rstrip("\n")})  # the views' engine log
 
     def _read_stdout(self) -> None:
         for line in self._process.stdout:

@@ -203,13 +203,14 @@ class Runs:
     def start_finetuning(self, dataset, init: str | None = None, backbone: str | None = None,
                          steps: int | None = None, name: str | None = None, run_dir=None,
                          model_name: str | None = None, val_every: int | None = None,
-                         checkpoint_every: int | None = None, device: str = "auto",
-                         extra_args: Sequence[str] = ()) -> Path:
+                         checkpoint_every: int | None = None, device: str = "auto", patch_size: int | None = None,
+                         batch_size: int | None = None, extra_args: Sequence[str] = ()) -> Path:
         """``voco finetune --data DATASET --out RUN [--init CKPT|PACKAGE|NAME]``; returns the folder."""
         run_dir = Path(run_dir) if run_dir is not None else self.new_run_dir(name, FINETUNE)
         args = ["finetune", "--data", str(dataset), "--out", str(run_dir)]
         args += _options(init=init, backbone=backbone, steps=steps, name=model_name, val_every=val_every,
-                         checkpoint_every=checkpoint_every, device=device)
+                         checkpoint_every=checkpoint_every, device=device, patch_size=patch_size,
+                         batch_size=batch_size)
         return self._launch(run_dir, FINETUNE, args + list(extra_args))
 
     def resume(self, run, steps: int | None = None, device: str | None = None) -> Path:

@@ -1,13 +1,15 @@
 """What both modules' sessions share (VoCoSegmentationLib.session, VoCoPretrainLib.session): the
 client, the engine's environment asked in the background, jobs in the background, the history of
 jobs (VoCo Studio's jobs table), the one job the status line follows, and the two signals every
-view connects: ``changed()`` and ``errorOccurred(message)``. A session's ``state`` has
-``environment``, ``status`` and ``job`` (the kind of the job the status line follows)."""
+view connects: ``changed()`` and ``errorOccurred(message)``, and the engine log every job's events
+and stderr lines go to (``log``). A session's ``state`` has ``environment``, ``status`` and ``job``
+(the kind of the job the status line follows)."""
 
 from __future__ import annotations
 
 import time
 
+from .engine_log import EngineLog
 from .environment import ProbeJob
 from .jobs import Job
 from .signalling import Signal
@@ -21,6 +23,7 @@ class Session:
         self.history: list[Job] = []          # every job of this session, oldest first
         self._job: Job | None = None          # the job the status line (and a progress bar) follows
         self._background: list[Job] = []      # jobs no button waits for (the probe, model lists, ...)
+        self.log = EngineLog()
 
     def probe_environment(self) -> None:
         """Ask the engine's Python what it has (devices, packages), in the background."""
@@ -57,13 +60,19 @@ class Session:
         job = self._job
         if job is None:
             return False
-        changed = bool(job.update())
+        changed = self._update(job)
         self._show_job(job)
         if job.finished:
             self._job = None
             self._finish(job)
             changed = True
         return changed
+
+    def _update(self, job: Job) -> bool:
+        """Take a job's new events into it and into the log; True when there were any."""
+        new = job.update()
+        self.log.add(job.kind, new)
+        return bool(new)
 
     def _finish(self, job: Job) -> None:
         """The followed job ended (the sessions say what it means)."""
@@ -80,7 +89,7 @@ class Session:
         """Advance the background jobs; each finished one goes to ``_background_finished``."""
         changed = False
         for job in list(self._background):
-            changed |= bool(job.update())
+            changed |= self._update(job)
             if not job.finished:
                 continue
             self._background.remove(job)

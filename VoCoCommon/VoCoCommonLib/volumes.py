@@ -154,16 +154,32 @@ def same_grid(volume_node, array_kji: np.ndarray, matrix: np.ndarray, tolerance_
 
 
 def label_array_from_segmentation(segmentation_node, reference_volume_node, values_by_segment_id: dict) -> np.ndarray:
-    """One KJI label array on the reference volume's grid: segment id -> value (later ones win overlaps)."""
-    import slicer
+    """One KJI label array on the reference volume's grid: segment id -> value (later ones win overlaps).
 
-    shape = slicer.util.arrayFromVolume(reference_volume_node).shape[:3]
+    One export of every segment at once (Slicer's merged labelmap numbers the n-th segment of the
+    list n + 1), then a lookup to the values: a model's 20 segments cost one export, not 20."""
+    import slicer
+    import vtk
+
+    ids = vtk.vtkStringArray()
+    for segment_id in values_by_segment_id:
+        ids.InsertNextValue(segment_id)
     top = max(values_by_segment_id.values(), default=0)
-    labels = np.zeros(shape, dtype=np.uint8 if top < 256 else np.uint16)
-    for segment_id, value in values_by_segment_id.items():
-        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, reference_volume_node)
-        labels[mask > 0] = value
-    return labels
+    lookup = np.array([0, *values_by_segment_id.values()], dtype=np.uint8 if top < 256 else np.uint16)
+    scene = slicer.mrmlScene
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("VoCo export"))
+    try:
+        if not slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap,
+                                                                                  reference_volume_node):
+            raise RuntimeError(f"could not export the segments of '{segmentation_node.GetName()}'")
+        return lookup[slicer.util.arrayFromVolume(labelmap)]
+    finally:  # the temporary node and what the export made for it (its colour table; not shared ones)
+        display = labelmap.GetDisplayNode()
+        colors = display.GetColorNode() if display is not None else None
+        for node in (labelmap, display, labelmap.GetStorageNode(),
+                     colors if colors is not None and not colors.GetSingletonTag() else None):
+            if node is not None and node.GetScene() is not None:
+                scene.RemoveNode(node)
 
 
 def fsync_file(path) -> None:

@@ -4,7 +4,9 @@ The Slicer widget and VoCo Studio are views of one of these (see VoCoSegmentatio
 for the pattern): runs of the shared workspace listed with their state, progress and loss;
 start (volumes exported in the background), stop (the engine checkpoints first) and resume;
 the selected run's loss curves, fed from its events as they arrive; the crop layout of a volume
-and the positions a checkpoint predicts, drawn as overlays. Nothing blocks the GUI thread:
+and the positions a checkpoint predicts, drawn as overlays; and fine-tuning runs that start from
+a published backbone (voco-b/l/h), a pretraining run of the workspace or a segmentation model,
+on the clinician's training set or a labelled dataset, whose model then joins the model list. Nothing blocks the GUI thread:
 ``tick()`` (the view's timer, every ``POLL_INTERVAL_MS``) reads only what runs wrote since the
 last tick and makes the nodes of finished jobs.
 
@@ -18,13 +20,15 @@ Example (Slicer's Python console)::
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from VoCoCommonLib.client import EngineClient
 from VoCoCommonLib.environment import EngineEnvironment
 from VoCoCommonLib.jobs import Job
-from VoCoCommonLib.runs import PRETRAIN, RUNNING
+from VoCoCommonLib.models import ModelsJob, finetuned_name
+from VoCoCommonLib.runs import DONE, FINETUNE, PRETRAIN, RUNNING
 from VoCoCommonLib.session import Session
 from VoCoCommonLib.signalling import Signal
 from VoCoCommonLib.training_set import TrainingSet
@@ -53,6 +57,7 @@ class PretrainButtons:
     curves: Button
     crops: Button
     positions: Button
+    finetune: Button
 
 
 @dataclass
@@ -64,6 +69,8 @@ class PretrainState:
     status: str = ""                                  # the selected run, or the start of one
     overlay_status: str = ""                          # the crop layout / position predictions
     fraction: float = 0.0                             # the selected run's progress
+    models: list = field(default_factory=list)        # ModelEntry: what fine-tuning can start from
+    models_loading: bool = False
 
     @property
     def devices(self) -> list:
@@ -76,13 +83,15 @@ class PretrainState:
 
 class PretrainSession(Session):
     """Signals: ``changed()``, ``errorOccurred(message)``, ``overlayReady(kind, nodes, volume_node)``
-    (kind "crops" or "positions"), ``curvesReady(TrainingCurves)``."""
+    (kind "crops" or "positions"), ``curvesReady(TrainingCurves)``, ``modelReady(package_folder)`` (a
+    fine-tuning run this session started is done: its model is a new entry of the model list)."""
 
     def __init__(self, client: EngineClient | None = None, runs=None, training_set: TrainingSet | None = None):
         super().__init__(client or EngineClient(), PretrainState())
         self.runs = runs or self.client.runs()
         self.training_set = training_set or TrainingSet(self.client.settings.training_set_dir)
-        self.overlayReady, self.curvesReady = Signal(), Signal()
+        self.overlayReady, self.curvesReady, self.modelReady = Signal(), Signal(), Signal()
+        self._finetunes: set[str] = set()             # fine-tuning runs started here, until they end
         self.curves: TrainingCurves | None = None     # of the selected run
         self._columns, self._tail = None, None        # its CurveColumns and events tail, once loaded
         self._ticks = 0
@@ -118,9 +127,25 @@ class PretrainSession(Session):
             parts.append(f"{self.submitted_cases()} submitted case(s)")
         return "Data: " + ", ".join(parts) if parts else "No data chosen yet."
 
+    def finetune_starts(self) -> list[tuple[str, str]]:
+        """What a fine-tuning run can start from, as (spec for ``--init``, title): the published
+        backbones, the workspace's pretraining runs with a checkpoint, the segmentation models,
+        and a random initialisation ("")."""
+        backbones = [(m.spec, f"{m.name} v{m.version} — published backbone"
+                      + ("" if m.installed else " (will download)")) for m in self.state.models if m.needs_finetuning]
+        runs = [(r.checkpoint, f"{r.name} — pretraining run, step {r.step or 0}")
+                for r in self.state.runs if r.kind == PRETRAIN and r.checkpoint]
+        models = [(m.spec, m.title) for m in self.state.models if m.usable]
+        return backbones + runs + models + [("", "random initialisation (from scratch)")]
+
+    def finetune_data_summary(self, data_path=None) -> str:
+        if data_path:
+            return f"Labelled data: {data_path}"
+        return f"Labelled data: the training set ({self.training_set.count} case(s) added in VoCo Segmentation)"
+
     # --- what the views show -------------------------------------------------------------------
 
-    def buttons(self, has_data: bool, volume_node=None) -> PretrainButtons:
+    def buttons(self, has_data: bool, volume_node=None, finetune_data=None) -> PretrainButtons:
         env, run, job = self.state.environment, self.state.run(), self._job
         not_ready = ("checking the engine's Python..." if env is None else
                      "install VoCo's Python packages first (Set-up)" if not env.ready else "")
@@ -138,17 +163,28 @@ class PretrainSession(Session):
         why = why or ("" if run is not None and run.kind == PRETRAIN and run.checkpoint else
                       "select a pretraining run with a checkpoint")
         positions = Button("Predict positions", not why, why or "What the run's checkpoint predicts for each target")
-        return PretrainButtons(start, stop, resume, curves, crops, positions)
+        why = not_ready or busy or ("" if finetune_data or self.training_set.count else
+                                    "add a corrected case in VoCo Segmentation, or choose a labelled dataset")
+        finetune = Button("Start fine-tuning", not why, why or "Fine-tune a segmentation network from the chosen start")
+        return PretrainButtons(start, stop, resume, curves, crops, positions, finetune)
 
     # --- actions -------------------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Ask the engine's Python what it has (in the background) and re-read the runs."""
+        """Ask the engine's Python what it has and list the models (in the background); re-read the runs."""
         self.probe_environment()
+        self.refresh_models()
         self.refresh_runs()
+
+    def refresh_models(self) -> None:
+        if not any(j.kind == "models" for j in self._background):
+            self.state.models_loading = True
+            self._background.append(ModelsJob(self.client, self.runs.workspace).start())
+        self._changed()
 
     def refresh_runs(self) -> None:
         self.state.runs = self.runs.list_runs()
+        self._finetunes_ended()
         run = self.state.run()
         self.state.fraction = (run.step or 0) / run.total if run is not None and run.total else 0.0
         if run is not None and (self._job is None or self._job.kind != "start"):
@@ -206,6 +242,31 @@ class PretrainSession(Session):
         self.select(run_dir)
         return run_dir
 
+    def start_finetuning(self, init: str = "", data=None, steps: int = 300, device: str = "auto",
+                         name: str | None = None, patch_size: int | None = None, batch_size: int | None = None,
+                         extra_args=()) -> Path:
+        """A fine-tuning run from ``init`` (a spec of ``finetune_starts``; "" for a random start) on
+        ``data`` (a dataset.json or imagesTr/labelsTr folder; None: the training set); it is
+        selected, and its model joins the model list when it is done (``modelReady``)."""
+        if self._job is not None:
+            raise ValueError("wait for the running job to finish")
+        if data is None:
+            if self.training_set.count < 1:
+                raise ValueError("the training set has no cases yet: add a corrected case in VoCo Segmentation")
+            data = self.training_set.dataset_json
+        run = next((r for r in self.state.runs if init and r.checkpoint == init), None)
+        entry = next((m for m in self.state.models if init and m.spec == init), None)
+        name = name or (f"{run.name}-seg" if run else finetuned_name(entry or init) if init else "scratch-seg")
+        run_dir = self.runs.start_finetuning(data, init=init or None, steps=steps, model_name=name, device=device,
+                                             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", patch_size=patch_size,
+                                             batch_size=batch_size, extra_args=extra_args)
+        self._finetunes.add(str(run_dir))
+        self.refresh_runs()
+        self.select(run_dir)
+        self.state.status = f"fine-tuning {name}: started {run_dir.name}"
+        self._changed()
+        return run_dir
+
     def stop(self, run=None) -> bool:
         run = run or self.state.selected
         stopped = bool(run) and self.runs.stop(run)
@@ -256,6 +317,7 @@ class PretrainSession(Session):
         new = self._tail.read_new() if self._tail is not None else []
         if new:
             self._columns.add_events(new)
+            self.log.add(Path(self.state.selected).name, new)
         if self._columns is not None and (new or self.curves is None or not self.curves.in_scene()):
             self._show_curves()
             changed = True
@@ -283,7 +345,22 @@ class PretrainSession(Session):
         else:
             super()._fail(message)
 
+    def _finetunes_ended(self) -> None:
+        """Fine-tuning runs started here that ended: a done one's model is new in the model list."""
+        for run in [r for r in self.state.runs if r.path in self._finetunes and r.state != RUNNING]:
+            self._finetunes.discard(run.path)
+            package = Path(run.model or Path(run.path) / "model")
+            if run.kind == FINETUNE and run.state == DONE and (package / "model.json").is_file():
+                self.refresh_models()
+                self.modelReady.emit(str(package))
+
     def _background_finished(self, job: Job) -> None:
+        if job.kind == "models":
+            self.state.models_loading = False
+            try:
+                self.state.models = job.models()
+            except RuntimeError as exc:
+                self._fail(str(exc))
         if job.kind == "curves" and str(job.run_dir) == self.state.selected:
             if job.succeeded:
                 self._columns, self._tail = job.result

@@ -24,7 +24,6 @@ Example (Slicer's Python console)::
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +31,13 @@ from pathlib import Path
 from VoCoCommonLib.client import EngineClient
 from VoCoCommonLib.environment import EngineEnvironment
 from VoCoCommonLib.jobs import Job
+from VoCoCommonLib.models import ModelEntry, ModelsJob, finetuned_name
 from VoCoCommonLib.runs import DONE, FINETUNE, RUNNING, STOPPED
 from VoCoCommonLib.session import Session
 from VoCoCommonLib.signalling import Signal
 from VoCoCommonLib.training_set import TrainingSet
 
 from .jobs import ImportJob, SegmentJob
-from .models import ModelEntry, ModelsJob
 from .results import move_into, segmentation_from_output
 
 POLL_INTERVAL_MS = 200
@@ -77,23 +76,6 @@ class SegmentationState:
     @property
     def devices(self) -> list:
         return self.environment.devices if self.environment else []
-
-
-def finetuned_name(model) -> str:
-    """The name the fine-tuned package gets: the same as a segmentation model's (so it becomes its
-    next version), ``<backbone>-seg`` for a backbone (a backbone's name and version are taken)."""
-    if isinstance(model, ModelEntry):
-        return f"{model.name}-seg" if model.needs_finetuning else model.name
-    path = Path(str(model))
-    card = path / "model.json"
-    if card.is_file():
-        try:
-            return str(json.loads(card.read_text(encoding="utf-8"))["name"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    if path.is_file():  # a checkpoint file
-        return f"{path.name.split('.')[0]}-seg"
-    return str(model)  # a registry name
 
 
 class SegmentationSession(Session):

@@ -27,7 +27,9 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-from VoCoCommon import showChoices
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from VoCoCommon import acknowledgementText, showChoices, showLog
 from VoCoCommonLib.release import slicer_unsupported_message
 from VoCoCommonLib.settings import read_settings
 
@@ -48,20 +50,22 @@ BACKBONES = ["swinunetr-tiny", "swinunetr-b", "swinunetr-l", "swinunetr-h", "res
 class VoCoPretrain(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "VoCo Pretrain"
-        self.parent.categories = ["Machine Learning"]
+        self.parent.title = _("VoCo Pretrain")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Machine Learning")]
         self.parent.dependencies = ["VoCoCommon"]
         self.parent.contributors = ["VoCo for 3D Slicer developers"]
-        self.parent.helpText = (UNSUPPORTED or "") + """
-Pretrain a 3D network on unlabelled volumes with VoCo (volume contrast): from a folder, a
+        self.parent.helpText = (UNSUPPORTED or "") + _("""
+Pretrain a 3D network on unlabelled volumes with VoCo (volume contrast: a network learns to
+predict where a random crop lies in a grid of base crops of the same volume), from a folder, a
 dataset.json, the volumes in the scene and the cases collected in VoCo Segmentation. Start, stop
-and resume runs, follow their loss curves live, show the base/target crop layout on a volume and
-the positions a checkpoint predicts for the target crops (heat map in the foreground layer).
+and resume runs (they go on when Slicer closes), follow their loss curves live, show the
+base-crop layout on a volume and the positions a checkpoint predicts for the target crops.
+Fine-tune a segmentation model from a published VoCo backbone, a pretraining run or a
+segmentation model, on the training set or a labelled dataset; the new model appears in
+VoCo Segmentation's model list.
 See the <a href="https://github.com/voco-slicer/SlicerVoCo#3d-slicer-extension">documentation</a>.
-"""
-        self.parent.acknowledgementText = """
-Built on VoCo (Wu et al., CVPR 2024; VoCo-v2), MONAI and PyTorch.
-"""
+""")
+        self.parent.acknowledgementText = acknowledgementText()
         if UNSUPPORTED:
             logging.error(UNSUPPORTED)
 
@@ -79,6 +83,9 @@ class VoCoPretrainParameterNode:
                Slicer's path connector shows an empty Path as ".").
     runsFolder - the workspace: one sub-folder per run.
     selectedRun - the run the curves, Stop/Resume and position predictions refer to (its folder).
+    finetuneInit - what fine-tuning starts from: a spec of the session's ``finetune_starts`` ("": random).
+    finetuneDataPath - labelled data for fine-tuning ("": the training set of VoCo Segmentation).
+    finetunePatchSize - training patch edge (0: the start's own, e.g. 96 for the VoCo models).
     """
 
     dataPath: str = ""
@@ -94,6 +101,12 @@ class VoCoPretrainParameterNode:
     selectedRun: str = ""
     overlayVolume: vtkMRMLScalarVolumeNode
     target: Annotated[int, WithinRange(0, 64)] = 0
+    finetuneInit: str = ""
+    finetuneDataPath: str = ""
+    finetuneSteps: Annotated[int, WithinRange(1, 10000000)] = 300
+    finetunePatchSize: Annotated[int, WithinRange(0, 512)] = 0
+    finetuneBatchSize: Annotated[int, WithinRange(1, 64)] = 2
+    finetuneName: str = ""
 
 
 #
@@ -111,6 +124,8 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._shownRuns = None
         self._shownDevices = None
+        self._shownStarts = None
+        self._shownLogLines = 0
         self._chartWanted = False   # show the chart in the plot view when the curves are next ready
 
     def setup(self) -> None:
@@ -138,6 +153,10 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.dataPathLineEdit.filters = ctkPathFilters()
         self.ui.runsFolderPathLineEdit.filters = ctkPathFilters(folders=True)
+        self.ui.finetuneDataPathLineEdit.filters = ctkPathFilters()
+        self.ui.finetuneDataPathLineEdit.connect("currentPathChanged(QString)", self.onFinetuneDataPathChanged)
+        self.ui.finetuneInitComboBox.connect("currentIndexChanged(int)", self.onFinetuneInitSelected)
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
         self.ui.dataPathLineEdit.connect("currentPathChanged(QString)", self.onDataPathChanged)
         self.ui.startButton.connect("clicked(bool)", self.onStart)
         self.ui.stopButton.connect("clicked(bool)", self.onStop)
@@ -216,20 +235,27 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.session.set_workspace(p.runsFolder)
         if p and self.ui.dataPathLineEdit.currentPath != p.dataPath:
             self.ui.dataPathLineEdit.currentPath = p.dataPath
+        if p and self.ui.finetuneDataPathLineEdit.currentPath != p.finetuneDataPath:
+            self.ui.finetuneDataPathLineEdit.currentPath = p.finetuneDataPath
         data = self._data()
-        buttons = self.session.buttons(has_data=any(data), volume_node=p.overlayVolume if p else None)
+        buttons = self.session.buttons(has_data=any(data), volume_node=p.overlayVolume if p else None,
+                                       finetune_data=p.finetuneDataPath if p else None)
         for widget, button in ((self.ui.startButton, buttons.start), (self.ui.stopButton, buttons.stop),
                                (self.ui.resumeButton, buttons.resume), (self.ui.showCurvesButton, buttons.curves),
                                (self.ui.showCropsButton, buttons.crops),
-                               (self.ui.showPositionsButton, buttons.positions)):
+                               (self.ui.showPositionsButton, buttons.positions),
+                               (self.ui.finetuneButton, buttons.finetune)):
             widget.enabled = button.enabled
             widget.toolTip = button.tooltip
         self.ui.dataSummaryLabel.text = self.session.data_summary(*data)
         self.ui.progressBar.value = int(round(100 * state.fraction))
         self.ui.statusLabel.text = state.status
         self.ui.positionsLabel.text = state.overlay_status
+        self.ui.finetuneDataSummaryLabel.text = self.session.finetune_data_summary(p.finetuneDataPath if p else None)
         self._showRuns(state.runs, state.selected)
         self._showDevices(state.devices)
+        self._showStarts(self.session.finetune_starts())
+        self._shownLogLines = showLog(self.ui.logTextEdit, self.session.log, self._shownLogLines)
 
     def _showRuns(self, runs, selected) -> None:
         rows = [(r.path, r.name, r.state, f"{r.step or 0} / {r.total}" if r.total else str(r.step or ""),
@@ -257,11 +283,37 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onDeviceSelected(showChoices(self.ui.deviceComboBox, shown, self._parameterNode.device
                                           if self._parameterNode else "auto"))
 
+    def _showStarts(self, starts) -> None:
+        if starts == self._shownStarts:
+            return
+        self._shownStarts = starts
+        self.onFinetuneInitSelected(showChoices(self.ui.finetuneInitComboBox, starts, self._parameterNode.finetuneInit
+                                                if self._parameterNode else ""))
+
     # --- user actions ---------------------------------------------------------------------------
 
     def onDataPathChanged(self, path) -> None:
         if self._parameterNode:
             self._parameterNode.dataPath = "" if path in ("", ".") else path
+
+    def onFinetuneDataPathChanged(self, path) -> None:
+        if self._parameterNode:
+            self._parameterNode.finetuneDataPath = "" if path in ("", ".") else path
+
+    def onFinetuneInitSelected(self, index) -> None:
+        starts = self._shownStarts or []
+        if self._parameterNode and 0 <= index < len(starts):
+            self._parameterNode.finetuneInit = starts[index][0]
+
+    def onFinetune(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to start fine-tuning.")):
+            run = self.session.start_finetuning(p.finetuneInit, data=p.finetuneDataPath or None, steps=p.finetuneSteps,
+                                                device=p.device, name=p.finetuneName or None,
+                                                patch_size=p.finetunePatchSize or None,
+                                                batch_size=p.finetuneBatchSize)
+            p.selectedRun = str(run)
+            self._chartWanted = True
 
     def onDeviceSelected(self, index) -> None:
         devices = self.session.state.devices
@@ -280,7 +332,7 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onStart(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Failed to start pretraining."):
+        with slicer.util.tryWithErrorDisplay(_("Failed to start pretraining.")):
             data = self.session.collect_data(*self._data())
             run = self.session.start(data, preset=p.preset, backbone=p.backbone, steps=p.steps, batch_size=p.batchSize,
                                      device=p.device, name=p.runName or None)
@@ -288,11 +340,11 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._chartWanted = True
 
     def onStop(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Failed to stop the run."):
+        with slicer.util.tryWithErrorDisplay(_("Failed to stop the run.")):
             self.session.stop()
 
     def onResume(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Failed to resume the run."):
+        with slicer.util.tryWithErrorDisplay(_("Failed to resume the run.")):
             self.session.resume(steps=self._parameterNode.steps, device=self._parameterNode.device)
 
     def onShowCurves(self) -> None:
@@ -302,17 +354,17 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onShowCrops(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Failed to compute the crop layout."):
+        with slicer.util.tryWithErrorDisplay(_("Failed to compute the crop layout.")):
             self.session.crop_layout(p.overlayVolume, preset=p.preset)
 
     def onShowPositions(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Failed to predict positions."):
+        with slicer.util.tryWithErrorDisplay(_("Failed to predict positions.")):
             self.session.positions(p.overlayVolume, target=p.target, device=p.device)
 
     def onInstallDependencies(self) -> None:
         environment = self.session.state.environment
-        with slicer.util.tryWithErrorDisplay("Failed to install VoCo's Python dependencies.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Failed to install VoCo's Python dependencies."), waitCursor=True):
             if environment is not None and dependencies.install(environment.missing):
                 self.session.refresh()
 

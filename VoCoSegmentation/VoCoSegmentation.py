@@ -29,7 +29,9 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-from VoCoCommon import showChoices
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from VoCoCommon import acknowledgementText, showChoices, showLog
 from VoCoCommonLib.release import slicer_unsupported_message
 
 UNSUPPORTED = slicer_unsupported_message()  # None on Slicer 5.10+; the Libs need its Python 3.12
@@ -46,21 +48,21 @@ if not UNSUPPORTED:
 class VoCoSegmentation(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "VoCo Segmentation"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("VoCo Segmentation")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = ["VoCoCommon"]
         self.parent.contributors = ["VoCo for 3D Slicer developers"]
-        self.parent.helpText = (UNSUPPORTED or "") + """
-Segment a volume with a VoCo model (published, imported, or fine-tuned here) on the CPU or a GPU.
-The engine runs in a separate process: Slicer stays responsive and <b>Apply</b> turns into
-<b>Cancel</b> while it works. Correct the result with Segment Editor, then <b>Add to training set</b>
-and <b>Fine-tune</b>: the model list shows each version's validation Dice.
+        self.parent.helpText = (UNSUPPORTED or "") + _("""
+Segment a volume with a VoCo model on the CPU or a GPU: the published VoComni models (20
+abdominal and thoracic structures and lesions in CT; downloaded on first use, or imported from a
+file), or a model fine-tuned here. The engine runs in a separate process: Slicer stays
+responsive and <b>Apply</b> turns into <b>Cancel</b> while it works. The result is a segmentation
+with named, coloured and coded segments beside the input volume. Correct it with Segment Editor,
+then <b>Add to training set</b> and <b>Fine-tune</b>: the model list shows each version's
+validation Dice next to the previous one's.
 See the <a href="https://github.com/voco-slicer/SlicerVoCo#3d-slicer-extension">documentation</a>.
-"""
-        self.parent.acknowledgementText = """
-Built on VoCo (Wu et al., "VoCo: A Simple-yet-Effective Volume Contrastive Learning Framework for
-3D Medical Image Analysis", CVPR 2024), MONAI and PyTorch.
-"""
+""")
+        self.parent.acknowledgementText = acknowledgementText()
         if UNSUPPORTED:
             logging.error(UNSUPPORTED)
 
@@ -107,6 +109,7 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._shownModels = None   # what the combo boxes show, so they are rebuilt only when it changes
         self._shownDevices = None
+        self._shownLogLines = 0
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -156,8 +159,12 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.session is None:
             return
         self.initializeParameterNode()
-        if self.session.state.environment is None or not self.session.state.models:
-            self.session.refresh()  # in the background: the lists fill in when the engine answers
+        # In the background: the lists fill in when the engine answers. The model list is read on
+        # every enter, since VoCo Pretrain may have fine-tuned a new model meanwhile.
+        if self.session.state.environment is None:
+            self.session.refresh()
+        else:
+            self.session.refresh_models()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -209,10 +216,11 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.visible = state.job is not None
         self.ui.progressBar.value = int(round(100 * state.fraction))
         self.ui.statusLabel.text = state.status
-        self.ui.trainingSetLabel.text = (f"Training set: {state.training_set_count} case"
-                                         f"{'s' * (state.training_set_count != 1)} in {self.session.training_set.folder}")
+        self.ui.trainingSetLabel.text = _("Training set: {count} case(s) in {folder}").format(
+            count=state.training_set_count, folder=self.session.training_set.folder)
         self._showModels(state.segmentation_models, state.models_loading)
         self._showDevices(state.devices)
+        self._shownLogLines = showLog(self.ui.logTextEdit, self.session.log, self._shownLogLines)
 
     def _showModels(self, models, loading: bool) -> None:
         shown = [(m.spec, m.title) for m in models]
@@ -264,7 +272,7 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onApplyButton(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Failed to start the segmentation."):
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation.")):
             if self.session.state.job == "segment":
                 self.session.cancel()
             else:
@@ -277,7 +285,7 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                               "Models (model.json *.zip *.pt *.pth *.ckpt);;All files (*)")
         if path:
             path = Path(path)
-            with slicer.util.tryWithErrorDisplay("Failed to import the model."):
+            with slicer.util.tryWithErrorDisplay(_("Failed to import the model.")):
                 self.session.import_model(path.parent if path.name == "model.json" else path)
 
     def onShowIn3D(self) -> None:
@@ -289,14 +297,14 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onAddToTrainingSet(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Failed to add the case to the training set."):
+        with slicer.util.tryWithErrorDisplay(_("Failed to add the case to the training set.")):
             self.session.add_to_training_set(p.inputVolume, p.outputSegmentation, model=p.model,
                                              auto_finetune_every=p.autoFinetuneEvery if p.autoFinetune else 0,
                                              steps=p.finetuneSteps, device=p.device)
 
     def onFinetune(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Failed to start fine-tuning."):
+        with slicer.util.tryWithErrorDisplay(_("Failed to start fine-tuning.")):
             if self.session.state.finetuning:
                 self.session.stop_finetuning()
             else:
@@ -304,11 +312,11 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onInstallDependencies(self) -> None:
         environment = self.session.state.environment
-        with slicer.util.tryWithErrorDisplay("Failed to install VoCo's Python dependencies.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Failed to install VoCo's Python dependencies."), waitCursor=True):
             if environment is None:
-                self.ui.dependenciesLabel.text = "Still asking the engine's Python what it has; try again in a moment."
+                self.ui.dependenciesLabel.text = _("Still asking the engine's Python what it has; try again in a moment.")
             elif dependencies.install(environment.missing):
-                self.ui.dependenciesLabel.text = "All dependencies are installed."
+                self.ui.dependenciesLabel.text = _("All dependencies are installed.")
                 self.session.refresh()
 
     def onOpenModelsFolder(self) -> None:

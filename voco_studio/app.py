@@ -59,6 +59,7 @@ from . import demo_model  # noqa: E402
 
 POLL_S = 0.5
 SAMPLES = ["mni152-t1", "spine-ct"]
+LOG_LINES = 200  # of each session's engine log, on the page
 TESTID = [("data_testid", "data-testid")]
 
 
@@ -144,6 +145,7 @@ class StudioApp(TrameApp):
         self.pretrain.errorOccurred.connect(self._error)
         self.pretrain.overlayReady.connect(self._show_overlay)
         self.pretrain.curvesReady.connect(self._update_chart)
+        self.pretrain.modelReady.connect(self._finetuned)
         self.volume_node = None
         self.segmentation_node = None
         self._poll_task = None
@@ -218,6 +220,12 @@ class StudioApp(TrameApp):
         s.pretrain_run = ""
         s.pretrain_steps = 20
         s.pretrain_state = "idle"
+        s.finetune_inits = []
+        s.finetune_init = ""
+        s.pretrain_finetune_steps = 20
+        s.finetune_patch_size = 64  # the least the published backbones take: CPU-sized
+        s.finetune_batch_size = 1
+        s.engine_log = ""
         s.loss_svg = loss_chart_svg({})
         s.positions = []
         s.positions_columns = []
@@ -486,6 +494,29 @@ class StudioApp(TrameApp):
             self._guarded(lambda: self.pretrain.resume(self.state.pretrain_run, steps=int(self.state.pretrain_steps)))
             self._publish()
 
+    def start_finetuning(self):
+        """A fine-tuning run from the start picked on the page (one of those offered, nothing
+        else) on the training set; its model joins the model list when it is done."""
+
+        def start():
+            offered = {spec for spec, _ in self.pretrain.finetune_starts()}
+            if self.state.finetune_init not in offered:
+                raise ValueError("pick what fine-tuning starts from")
+            run = self.pretrain.start_finetuning(self.state.finetune_init, steps=int(self.state.pretrain_finetune_steps),
+                                                 device=self.state.device,
+                                                 patch_size=int(self.state.finetune_patch_size) or None,
+                                                 batch_size=int(self.state.finetune_batch_size) or None)
+            self.state.status_text = f"Fine-tuning: {run.name}"
+            self._publish()
+            return run
+
+        return self._guarded(start)
+
+    def _finetuned(self, package: str) -> None:
+        """A fine-tuning run of the Pretrain tab is done: its model joins the model list."""
+        self.segmentation.refresh_models()
+        self.state.status_text = f"New model: {Path(package).parent.name}"
+
     def show_crop_layout(self):
         return self._guarded(lambda: job_id(self.pretrain.crop_layout(
             self.volume_node, preset=None, out_dir=self.workdir / "crops" / str(int(time.time())))))
@@ -558,10 +589,10 @@ class StudioApp(TrameApp):
         if seg.environment is not None:
             self.state.devices = [{"value": d.id, "title": d.title} for d in seg.devices]
             self.state.device_note = seg.environment.message or ""
-        self.state.model_options = [{"value": m.spec, "title": f"{m.name} v{m.version}{dice_suffix(m.dice)}"}
-                                    for m in seg.segmentation_models]
-        if not self.state.model and seg.segmentation_models:
-            self.state.model = seg.segmentation_models[-1].spec
+        self.state.model_options = [{"value": m.spec, "title": m.title} for m in seg.segmentation_models]
+        if not self.state.model and seg.segmentation_models:  # the newest installed one, else the first
+            installed = [m for m in seg.segmentation_models if m.installed]
+            self.state.model = (installed or seg.segmentation_models[:1])[-1].spec
         entry = self.segmentation.model(self.state.model) if self.state.model else None
         self.state.versions = [{"name": m.name, "version": m.version, "path": m.spec, "dice": m.dice}
                                for m in (self.segmentation.versions(entry.name) if entry else [])]
@@ -576,6 +607,12 @@ class StudioApp(TrameApp):
         self.state.pretrain_state = ("finished" if picked.state == "done" else picked.state) if picked else "idle"
         jobs = [job_row(job) for job in self.segmentation.history + self.pretrain.history]
         self.state.jobs = jobs + runs
+        starts = self.pretrain.finetune_starts()
+        self.state.finetune_inits = [{"value": spec, "title": title} for spec, title in starts]
+        if self.state.finetune_init not in {spec for spec, _ in starts}:
+            self.state.finetune_init = starts[0][0]
+        self.state.engine_log = "\n".join(list(self.segmentation.log.lines)[-LOG_LINES:] +
+                                          list(self.pretrain.log.lines)[-LOG_LINES:])
 
     def poll_once(self) -> None:
         """Tick both sessions (engine events -> their state) and show it on the page (all tabs)."""
@@ -624,6 +661,11 @@ class StudioApp(TrameApp):
                         self._pretrain_panel()
                     v.VDivider()
                     self._jobs_table()
+                    with v.VExpansionPanels(**tid("engine-log-panel")):
+                        with v.VExpansionPanel(title="Engine log"):
+                            with v.VExpansionPanelText():
+                                html.Pre("{{ engine_log }}", **tid("engine-log"),
+                                         style="font-size:10px;max-height:240px;overflow:auto;white-space:pre-wrap")
             with layout.content:
                 with v.VContainer(fluid=True, classes="pa-0 fill-height"):
                     self.layout_manager.initialize_layout_grid(layout)
@@ -701,6 +743,20 @@ class StudioApp(TrameApp):
             v.VBtn("Positions", click=self._cb(self.show_positions), size="small", **tid("positions-button"))
         v.VSwitch(v_model=("heatmap_visible",), label="Heatmap", density="compact", hide_details=True,
                   **tid("heatmap-toggle"))
+        v.VDivider(classes="my-2")
+        html.Div("Fine-tuning", classes="text-subtitle-2")
+        self._select("finetune_init", "finetune_inits", "finetune-init-select")
+        html.Div("on the training set ({{ training_set_count }} cases)", classes="text-caption")
+        with html.Div(classes="d-flex ga-1"):
+            v.VTextField(v_model=("pretrain_finetune_steps",), type="number", label="Steps", density="compact",
+                         hide_details=True, **tid("pretrain-finetune-steps-input"))
+            v.VTextField(v_model=("finetune_patch_size",), type="number", label="Patch", density="compact",
+                         hide_details=True, **tid("finetune-patch-input"))
+            v.VTextField(v_model=("finetune_batch_size",), type="number", label="Batch", density="compact",
+                         hide_details=True, **tid("finetune-batch-input"))
+        v.VBtn("Start fine-tuning", click=self._cb(self.start_finetuning), size="small",
+               **tid("pretrain-finetune-button"))
+        v.VDivider(classes="my-2")
         with html.Table(**tid("positions-table"), classes="text-caption"):
             with html.Tr(v_if="positions.length"):
                 html.Th("{{ k }}", v_for="k in positions_columns", key="k", classes="px-1")

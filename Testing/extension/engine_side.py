@@ -6,6 +6,10 @@ model package with random weights (seed 0); ``... toy FOLDER``: a package and a 
 whose sitecustomize replaces the network, inside the engine process, by toy_networks.Threshold,
 a 1x1 convolution that thresholds the intensity (``VOCO_TEST_TOY=1``; ``VOCO_TEST_SLOW=1``: a
 second per window), so the right segmentation is known; ``... sample NAME``: the path of a shipped sample volume;
+``... vocomni FOLDER``: VoComni_B.pt written in the published layout (published_files.py) and
+the shipped registry pinned to its sha256 (FOLDER/models.json); prints the checkpoint's path;
+``... omni FOLDER URL``: a tiny segmentation checkpoint in the VoComni layout (FOLDER/omni.pt) and
+a registry (FOLDER/models.json) whose model "omni" downloads it from URL/omni.pt;
 ``... read IMAGE``: what the engine reads in an image file (shape, affine, voxel sum, dtype);
 ``... write-nrrd PATH``: a label map written by the engine's own NRRD writer (pynrrd).
 """
@@ -63,6 +67,29 @@ def main(argv):
         print(package(argv[2], argv[3], json.loads(argv[4]), json.loads(argv[5]) if len(argv) > 5 else None))
     elif command == "toy":
         print(toy(argv[2]))
+    elif command == "vocomni":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from published_files import registry_for, write_vocomni_checkpoint
+
+        folder = Path(argv[2])
+        folder.mkdir(parents=True, exist_ok=True)
+        checkpoint = write_vocomni_checkpoint(folder / "VoComni_B.pt")
+        registry_for(folder, {checkpoint.name: checkpoint})
+        print(checkpoint)
+    elif command == "omni":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from published_files import sha256_of, write_vocomni_checkpoint
+
+        folder = Path(argv[2])
+        checkpoint = write_vocomni_checkpoint(folder / "omni.pt", "swinunetr-tiny", classes=2)
+        entry = {"name": "omni", "version": "1.0", "kind": "segmentation", "url": f"{argv[3]}/omni.pt",
+                 "sha256": sha256_of(checkpoint), "size_bytes": checkpoint.stat().st_size, "file": "omni.pt",
+                 "architecture": "swinunetr-tiny", "in_channels": 1,
+                 "labels": [{"value": 1, "name": "sphere", "color": "#ff0000"}],
+                 "preprocessing": {"modality": "mri", "spacing": [2.0, 2.0, 2.0], "patch_size": [32, 32, 32]}}
+        (folder / "models.json").write_text(json.dumps({"format": "voco-registry", "format_version": 1,
+                                                        "models": [entry]}))
+        print(checkpoint)
     elif command == "read":
         from voco.data.volumes import read_volume
 

@@ -2,7 +2,8 @@
 the supported release tags.
 
 ``used_names()`` reads the modules' files (AST): every ``slicer.util`` / ``slicer.packaging``
-function with the keyword arguments it is called with, ``slicer.mrmlScene`` and ``slicer.app``
+function with the keyword arguments it is called with, ``slicer.i18n`` functions, the SampleData
+module's logic methods, ``slicer.mrmlScene`` and ``slicer.app``
 members, ``slicer.X`` classes, the ScriptedLoadableModule and parameterNodeWrapper names, the
 capitalised (VTK/MRML) methods called, the module logics called through ``slicer.modules``,
 the members the widgets use of their CTK/qMRML widget classes, and PyTorchUtils.
@@ -88,8 +89,8 @@ def vtk_member(name: str) -> bool:
     from vtkmodules import vtkCommonCore, vtkCommonDataModel
 
     return any(hasattr(cls, name) for cls in (vtkCommonCore.vtkObject, vtkCommonCore.vtkDataArray,
-                                                vtkCommonDataModel.vtkImageData, vtkCommonDataModel.vtkTable,
-                                                vtkCommonDataModel.vtkDataSetAttributes))
+                                                vtkCommonCore.vtkStringArray, vtkCommonDataModel.vtkImageData,
+                                                vtkCommonDataModel.vtkTable, vtkCommonDataModel.vtkDataSetAttributes))
 
 
 def used_names() -> dict:
@@ -109,7 +110,8 @@ def used_names() -> dict:
             elif isinstance(node, ast.ImportFrom):
                 for alias in node.names:
                     imported.add(alias.asname or alias.name)
-                    if node.module in ("slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper", "slicer.util"):
+                    if node.module in ("slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper", "slicer.util",
+                                       "slicer.i18n"):
                         used[node.module][alias.name]
                     elif node.module == "slicer" and alias.name.startswith(("vtk", "q")):
                         used["slicer"][alias.name]
@@ -124,6 +126,8 @@ def used_names() -> dict:
                         parts = aliases[parts[0]].split(".") + parts[1:]
                     if parts[:2] in (["slicer", "util"], ["slicer", "packaging"]) and len(parts) == 3:
                         used[".".join(parts[:2])][parts[2]] |= keywords
+                    elif parts[0] == "SampleData" and len(parts) == 3:
+                        used["SampleData"][".".join(parts[1:])] |= keywords
                 if isinstance(node.func, ast.Attribute):
                     method, base = node.func.attr, dotted(node.func.value)
                     owner = ui_classes.get(base.split(".")[2], "") if base and base.startswith("self.ui.") else ""
@@ -171,6 +175,57 @@ def used_names() -> dict:
                 if owner is not None and owner.get("class") in WIDGET_HEADERS:
                     used[f"widget:{owner.get('class')}"][connection.findtext(member).split("(")[0]]
     return {category: {name: sorted(kw) for name, kw in names.items()} for category, names in used.items()}
+
+
+TERMINOLOGY_FILES = {  # context name -> Slicer's file of it (Modules/Loadable/Terminologies/Resources)
+    "Segmentation category and type - 3D Slicer General Anatomy list":
+        "SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json",
+    "Segmentation category and type - DICOM master list": "SegmentationCategoryTypeModifier-DICOM-Master.json",
+    "Anatomic codes - DICOM master list": "AnatomicRegionAndModifier-DICOM-Master.json",
+}
+DEFAULT_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+def terminology_key(term: dict) -> str:
+    """One label's codes as ``context|category|type|modifier|region`` (scheme:code each)."""
+    def code(entry):
+        return f"{entry['scheme']}:{entry['code']}" if entry else ""
+
+    category = term.get("category") or {"scheme": "SCT", "code": "123037004"}
+    return "|".join([term.get("context") or DEFAULT_CONTEXT, code(category), code(term), code(term.get("modifier")),
+                     code(term.get("region"))])
+
+
+def used_terminology() -> list[str]:
+    """The terminology codes of the shipped registry's labels."""
+    registry = json.loads((REPO / "Resources" / "models.json").read_text())
+    labels = [label for labels in registry.get("label_sets", {}).values() for label in labels]
+    labels += [label for entry in registry["models"] if isinstance(entry.get("labels"), list) for label in entry["labels"]]
+    return sorted({terminology_key(label["terminology"]) for label in labels if label.get("terminology")})
+
+
+def declared_terminology(slicer_git, tag) -> set[str]:
+    """Every context|category|type|modifier| and the anatomic regions (||||region) Slicer ships at ``tag``."""
+    keys = set()
+    for context, file in TERMINOLOGY_FILES.items():
+        values = json.loads(git_show(slicer_git, tag, f"Modules/Loadable/Terminologies/Resources/{file}"))
+        for category in values.get("SegmentationCodes", {}).get("Category", []):
+            for kind in category.get("Type", []):
+                for modifier in [None] + kind.get("Modifier", []):
+                    keys.add("|".join([context, f"{category['CodingSchemeDesignator']}:{category['CodeValue']}",
+                                       f"{kind['CodingSchemeDesignator']}:{kind['CodeValue']}",
+                                       f"{modifier['CodingSchemeDesignator']}:{modifier['CodeValue']}" if modifier
+                                       else "", ""]))
+        for region in values.get("AnatomicCodes", {}).get("AnatomicRegion", []):
+            keys.add(f"{context}||||{region['CodingSchemeDesignator']}:{region['CodeValue']}")
+    return keys
+
+
+def terminology_known(key: str, declared: set[str]) -> bool:
+    """A label's codes exist in Slicer's lists: its type (with modifier) and, if any, its region."""
+    *kind, region = key.split("|")
+    return "|".join(kind + [""]) in declared and (not region or f"{ANATOMIC_CONTEXT}||||{region}" in declared)
 
 
 # --- what Slicer's source declares ---------------------------------------------------------------
@@ -241,6 +296,8 @@ def derive(slicer_git, ctk_git, pytorch_git) -> dict:
             "slicer.packaging": python_defs(git_show(slicer_git, tag, "Base/Python/slicer/packaging.py")),
             "slicer.ScriptedLoadableModule": python_defs(git_show(slicer_git, tag,
                                                                   "Base/Python/slicer/ScriptedLoadableModule.py")),
+            "slicer.i18n": python_defs(git_show(slicer_git, tag, "Base/Python/slicer/i18n.py")),
+            "SampleData": python_defs(git_show(slicer_git, tag, "Modules/Scripted/SampleData/SampleData.py")),
         }
         wrapper = {}
         for name in git_files(slicer_git, tag, "Base/Python/slicer/parameterNodeWrapper"):
@@ -284,6 +341,9 @@ def derive(slicer_git, ctk_git, pytorch_git) -> dict:
                     found[category][name] = keywords
                 elif not (category in GUARDED and tag != TAGS[-1]):
                     missing.append(f"{tag} {category} {name} {keywords}")
+        declared = declared_terminology(slicer_git, tag)
+        found["terminology"] = {key: [] for key in used_terminology() if terminology_known(key, declared)}
+        missing += [f"{tag} terminology {key}" for key in used_terminology() if key not in found["terminology"]]
         out[tag] = dict(found)
     ref = subprocess.run(["git", "-C", str(pytorch_git), "rev-parse", "HEAD"], capture_output=True,
                          text=True).stdout.strip()

@@ -10,7 +10,13 @@ ScriptedLoadableModule.py and parameterNodeWrapper/ at v5.10.0 and v5.12.3; name
 code copied):
 
 - ``slicer.app``: version, testing mode (message boxes are logged, as in Slicer's --testing),
-  override cursor, settings, restart (recorded);
+  override cursor, settings, restart (recorded), ``translate`` (Qt's, every call recorded in
+  ``translated``) and ``connect`` (the slots connected to its signals, e.g. startupCompleted());
+- ``slicer.i18n``: ``translate(context, text)`` and ``tr(text)`` with the context Slicer derives
+  from the calling file (Base/Python/slicer/i18n.py);
+- the SampleData module's ``SampleDataLogic.registerCustomSampleDataSource`` (sources recorded);
+- ``slicer.app.coreIOManager()`` for volumes only: as Slicer's volume reader (qSlicerVolumesReader)
+  does, the real vtkSlicerVolumesLogic reads the file, so slicer.util.loadVolume runs as it is;
 - the four ScriptedLoadableModule base classes; ``runTest`` is called directly, as Slicer's
   Reload and Test does (outside unittest: a SkipTest is an error there, cleanups never run);
 - ``slicer.parameterNodeWrapper``: typed fields stored in the real vtkMRMLScriptedModuleNode,
@@ -62,6 +68,20 @@ class SlicerApplication:
         self.restarts = 0
         self.cursor_depth = 0
         self._settings = _Settings({"Developer/SelfTestDisplayMessageDelay": "100"})
+        self.translated: list[tuple[str, str]] = []
+        self.connections: dict[str, list] = {}
+
+    def translate(self, context, text):
+        from PySide6.QtCore import QCoreApplication
+
+        self.translated.append((context, text))
+        return QCoreApplication.translate(context, text)
+
+    def connect(self, signal, slot):
+        self.connections.setdefault(signal, []).append(slot)
+
+    def coreIOManager(self):
+        return _VolumesIO()
 
     def testingEnabled(self):
         return True
@@ -88,6 +108,19 @@ class SlicerApplication:
 
     def restart(self):
         self.restarts += 1
+
+
+class _VolumesIO:
+    def fileType(self, filename):
+        return "VolumeFile"
+
+    def loadNodes(self, filetype, properties, loaded, messages):
+        logic = slicer.modules.volumes.logic()
+        name = properties.get("name") or Path(properties["fileName"]).name.split(".")[0]
+        node = logic.AddArchetypeVolume(properties["fileName"], name) if filetype == "VolumeFile" else None
+        if node is not None:
+            loaded.AddItem(node)
+        return node is not None
 
 
 # --- ScriptedLoadableModule --------------------------------------------------------------------
@@ -327,6 +360,27 @@ def parameterNodeWrapper(cls):
 
 # --- installing and loading --------------------------------------------------------------------
 
+def _translation_context(source_file: str) -> str:
+    """Slicer's context name: ``Package.File`` for a file of a package, else the file's name."""
+    path = Path(source_file)
+    return f"{path.parent.name}.{path.stem}" if (path.parent / "__init__.py").is_file() else path.stem
+
+
+def _tr(text):
+    import inspect
+
+    caller = inspect.currentframe().f_back
+    return slicer.app.translate(_translation_context(inspect.getsourcefile(caller) or inspect.getfile(caller)), text)
+
+
+class SampleDataLogic:
+    sources: dict = {}  # category -> the keyword arguments of each registration
+
+    @staticmethod
+    def registerCustomSampleDataSource(category="Custom", **source):
+        SampleDataLogic.sources.setdefault(category, []).append(source)
+
+
 def _set_slice_viewer_layers(**layers):
     DISPLAYED.append(("setSliceViewerLayers", sorted(layers)))
 
@@ -354,6 +408,13 @@ def install(version=(5, 10)) -> SlicerApplication:
     sys.modules["slicer.parameterNodeWrapper"] = wrapper
     for cls in QMRML_STAND_INS:
         setattr(slicer, cls.__name__, pythonqt.QtClass(cls))
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.translate, i18n.tr = (lambda context, text: slicer.app.translate(context, text)), _tr
+    sys.modules["slicer.i18n"] = slicer.i18n = i18n
+    sample_data = types.ModuleType("SampleData")
+    sample_data.SampleDataLogic = SampleDataLogic
+    SampleDataLogic.sources = {}
+    sys.modules["SampleData"] = sample_data
     slicer.app = SlicerApplication(version)
     slicer.selfTests = {}
     slicer.util.setSliceViewerLayers = _set_slice_viewer_layers

@@ -40,6 +40,10 @@ class Engine:
     def toy(self, folder) -> Path:
         return Path(self.run("toy", folder))
 
+    def vocomni(self, folder) -> Path:
+        """VoComni_B.pt in the published layout; FOLDER/models.json is a registry that vouches for it."""
+        return Path(self.run("vocomni", folder))
+
     def sample(self, name) -> Path:
         return Path(self.run("sample", name))
 

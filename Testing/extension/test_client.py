@@ -152,9 +152,11 @@ def fake_process(fake_engine, *args, python=None):
 def test_an_engine_error_line_on_stderr_becomes_the_error_event(fake_engine):
     process = fake_process(fake_engine, "fail").start()
     assert process.wait(60) == 2 and not process.running
-    events = process.poll()
+    polled = process.poll()
+    events = [e for e in polled if e["event"] != "log"]
     assert [e["event"] for e in events] == ["start", "error", "exit"]
     assert events[1]["message"] == "input.nrrd: broken" and events[2]["returncode"] == 2
+    assert "error: input.nrrd: broken" in [e["line"] for e in polled if e["event"] == "log"]  # the views' log
     assert process.stdout_other == ["not json"]
 
 
@@ -394,6 +396,8 @@ def corrected_case(shape, seed):
 
 
 def test_training_set_cases_are_on_the_image_grid_with_the_models_label_values(mrml, tmp_path, monkeypatch):
+    import slicer
+
     from VoCoCommonLib.training_set import TrainingSet
     from VoCoCommonLib.volumes import read_nrrd
 
@@ -401,8 +405,10 @@ def test_training_set_cases_are_on_the_image_grid_with_the_models_label_values(m
     store = TrainingSet(tmp_path / "cases")
     for seed in (1, 2):
         volume, segmentation, affine, mask, box = corrected_case((48, 40, 20), seed)
+        nodes = slicer.mrmlScene.GetNumberOfNodes()
         case = store.add(volume, segmentation, [{"value": 1, "name": "liver"}, {"value": 5, "name": "spleen"}])
         assert case == f"case_{seed:04d}"
+        assert slicer.mrmlScene.GetNumberOfNodes() == nodes  # the export's temporary nodes are gone
         labels, matrix = read_nrrd(tmp_path / "cases" / "labelsTr" / f"{case}.nrrd")
         _, image_matrix = read_nrrd(tmp_path / "cases" / "imagesTr" / f"{case}.nrrd")
         np.testing.assert_allclose(matrix, affine, atol=1e-9)
@@ -614,3 +620,16 @@ def test_the_probe_script_needs_only_the_standard_library():
     imported = {line.split()[1].split(".")[0] for line in script.splitlines()
                 if line.startswith(("import ", "from ")) and not line.startswith("from __future__")}
     assert imported <= set(sys.stdlib_module_names) | {"packaging"}
+
+
+def test_the_engine_log_gives_a_view_only_the_lines_it_has_not_shown():
+    from VoCoCommonLib.engine_log import EngineLog
+
+    log = EngineLog(max_lines=3)
+    log.add("segment", [{"event": "start", "time": 0, "model": "vocomni-b"}, {"event": "log", "line": "a warning"}])
+    first = log.since(0)
+    assert [line.split(" ", 1)[1] for line in first] == ["segment: start model=vocomni-b", "segment: a warning"]
+    log.add("segment", [{"event": "error", "message": "broken", "time": 0}])
+    assert [line.split(" ", 1)[1] for line in log.since(2)] == ["segment: error: broken"]
+    log.add("segment", [{"event": "exit", "returncode": 2, "time": 0}] * 4)  # more than it keeps
+    assert len(log.since(3)) == 3 and log.since(log.total) == []

@@ -259,7 +259,7 @@ def test_the_names_slicer_core_can_show_exist_in_slicers_real_code():
 
     classes = [getattr(slicer, n) for n in dir(slicer) if n.startswith("vtk")]
     classes += [vtkCommonMath.vtkMatrix4x4, vtkCommonCore.vtkObject, vtkCommonCore.vtkDataArray,
-                vtkCommonDataModel.vtkTable, vtkCommonDataModel.vtkImageData, vtkCommonDataModel.vtkDataSetAttributes,
+                vtkCommonCore.vtkStringArray, vtkCommonDataModel.vtkTable, vtkCommonDataModel.vtkImageData, vtkCommonDataModel.vtkDataSetAttributes,
                 vtkCommonTransforms.vtkGeneralTransform]
     used = slicer_api.used_names()
     assert set(used["slicer.util"]) <= set(dir(slicer.util))
@@ -407,8 +407,9 @@ def test_module_file_has_the_four_classes_and_a_runnable_self_test(module):
     assert "qt.QTimer" in source and "tryWithErrorDisplay" in source
     calls = {node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
     assert not calls & {"skipTest", "addCleanup"}  # Reload and Test runs runTest() directly: neither would work
-    categories = re.search(r"self\.parent\.categories = (\[.*?\])", source).group(1)
-    assert ast.literal_eval(categories) == CATEGORIES[module]
+    categories = re.search(r"self\.parent\.categories = \[translate\(\"qSlicerAbstractCoreModule\", (\".*?\")\)\]",
+                           source).group(1)
+    assert [ast.literal_eval(categories)] == CATEGORIES[module]
 
 
 def test_no_module_file_imports_the_engine():
@@ -419,3 +420,72 @@ def test_no_module_file_imports_the_engine():
             for name in names:
                 assert name.split(".")[0] not in ("voco", "torch", "monai", "nrrd"), \
                     f"{path.relative_to(REPO)}:{node.lineno} imports {name} into Slicer's process"
+
+
+# --- (6) the conventions Slicer users expect -----------------------------------------------------
+
+def test_every_terminology_code_of_the_shipped_models_is_in_slicers_lists_at_every_release():
+    """Each coded label (type, modifier, anatomic region) is a code of the Slicer terminology
+    context it names, as Slicer ships it at each supported tag (derived into slicer_api_names.json)."""
+    derived = json.loads(slicer_api.NAMES_FILE.read_text())
+    used = slicer_api.used_terminology()
+    assert len(used) >= 18  # the VoComni labels: 18 of 20 have a code in Slicer's lists
+    for tag in slicer_api.TAGS:
+        assert set(used) <= set(derived[tag]["terminology"]), tag
+
+
+def test_segments_get_slicers_terminology_entry_string_with_modifier_and_region():
+    from VoCoSegmentationLib.results import terminology_entry
+
+    registry = json.loads((REPO / "Resources" / "models.json").read_text())
+    labels = {label["name"]: label for label in registry["label_sets"]["vocomni"]}
+    left_kidney = terminology_entry(labels["left kidney"]["terminology"]).split("~")
+    assert left_kidney == ["Segmentation category and type - 3D Slicer General Anatomy list",
+                           "SCT^123037004^Anatomical Structure", "SCT^64033007^Kidney", "SCT^7771000^Left",
+                           "Anatomic codes - DICOM master list", "^^", "^^"]
+    liver_tumor = terminology_entry(labels["liver tumor"]["terminology"]).split("~")
+    assert liver_tumor[:3] == ["Segmentation category and type - DICOM master list",
+                               "SCT^49755003^Morphologically Altered Structure", "SCT^108369006^Neoplasm"]
+    assert liver_tumor[5] == "SCT^10200004^Liver"
+    assert terminology_entry(labels["COVID-19 lesion"]["terminology"]) is None
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_user_facing_texts_are_translatable(module):
+    """Titles, help and acknowledgements go through Slicer's ``_()`` (slicer.i18n.tr, which lupdate
+    reads), categories through ``translate("qSlicerAbstractCoreModule", ...)`` as Slicer's own modules do."""
+    tree = parse(REPO / module / f"{module}.py")
+    assigned = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute) and \
+                slicer_api.dotted(node.targets[0].value) == "self.parent":
+            assigned[node.targets[0].attr] = ast.unparse(node.value)
+    assert assigned["title"].startswith("_(")
+    assert assigned["categories"].startswith("[translate('qSlicerAbstractCoreModule', ")
+    assert "_(" in assigned["helpText"] and "acknowledgementText()" in assigned["acknowledgementText"]
+    messages = [ast.unparse(n.args[0]) for n in ast.walk(tree) if isinstance(n, ast.Call)
+                and slicer_api.dotted(n.func) == "slicer.util.tryWithErrorDisplay"]
+    assert all(message.startswith("_(") for message in messages), messages
+
+
+def test_help_and_acknowledgement_say_what_the_modules_do_and_cite_voco():
+    common = (REPO / "VoCoCommon" / "VoCoCommon.py").read_text()
+    assert "CVPR 2024" in common and "arXiv:2410.09890" in common and "Please cite VoCo" in common
+    segmentation = (REPO / "VoCoSegmentation" / "VoCoSegmentation.py").read_text()
+    assert "VoComni" in segmentation and "Add to training set" in segmentation
+    assert "Fine-tune a segmentation model" in (REPO / "VoCoPretrain" / "VoCoPretrain.py").read_text()
+
+
+def test_license_txt_at_the_root_is_the_one_pyproject_names():
+    license_text = (REPO / "LICENSE.txt").read_text()
+    assert "Apache License" in license_text and "Version 2.0" in license_text
+    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text()
+
+
+def test_the_sample_volumes_offered_in_slicer_are_in_the_engines_catalogue():
+    from VoCoCommonLib.samples import SAMPLES
+
+    from voco.data.sample_data import SAMPLES as ENGINE_SAMPLES
+
+    engine = {sample.name: sample.modality for sample in ENGINE_SAMPLES}
+    assert [engine[sample.engine_name] for sample in SAMPLES] == ["ct", "mri", "mri"]

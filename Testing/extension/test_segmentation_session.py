@@ -159,6 +159,63 @@ def test_segment_with_a_real_model_gives_named_coloured_segments_on_the_input_gr
     assert session.state.job is None and session.buttons(volume, str(package)).apply.text == "Apply"
 
 
+class SlowFiles:
+    """A local HTTP server of a folder's files, sent in 64 KB pieces a few ms apart, so that the
+    download of a model on first use is seen in progress."""
+
+    def __init__(self, folder):
+        import threading
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(folder), **kwargs)
+
+            def copyfile(self, source, outputfile):
+                while block := source.read(1 << 16):
+                    outputfile.write(block)
+                    time.sleep(0.005)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_registry_model_downloads_on_first_use_with_its_progress_then_segments(mrml, home, tmp_path, engine,
+                                                                                monkeypatch, clock):
+    folder = tmp_path / "server"
+    folder.mkdir()
+    server = SlowFiles(folder)
+    try:
+        engine.run("omni", folder, server.url)
+        monkeypatch.setenv("VOCO_REGISTRY", str(folder / "models.json"))
+        session = new_session(tmp_path, engine)
+        ready(session)
+        [entry] = session.state.segmentation_models
+        assert (entry.name, entry.installed) == ("omni", False) and entry.title.startswith("omni v1.0 — will download ")
+        volume, _ = sphere_volume()
+        seen = []
+        job = session.segment(volume, entry, device="cpu")
+        tick_until(session, lambda: seen.append((session.state.status, session.state.fraction)) or job.finished,
+                   clock=clock)
+        assert job.succeeded, job.error
+        downloading = [fraction for status, fraction in seen if status.startswith("downloading omni ")]
+        assert downloading and downloading == sorted(downloading) and 0 < downloading[-1] <= 1
+        assert session.state.status == "done: sphere omni v1.0"
+        session.refresh_models()
+        tick_until(session, lambda: not session.state.models_loading, clock=clock)
+        assert session.state.segmentation_models[0].installed  # the next run needs no download
+    finally:
+        server.close()
+
+
 def test_known_answer_roi_and_the_chosen_output_node(mrml, home, toy_engine, tmp_path, engine, clock):
     import slicer
 
@@ -348,7 +405,7 @@ def test_add_finetune_and_the_new_version_with_its_dice_next_to_the_old(mrml, ho
 
 
 def test_model_list_marks_backbones_and_puts_dice_next_to_the_previous_version(tmp_path, package):
-    from VoCoSegmentationLib.models import ModelEntry, entries_from_runs, merge_entries
+    from VoCoCommonLib.models import ModelEntry, entries_from_runs, merge_entries
 
     run = tmp_path / "runs" / "organs-x" / "model"
     run.mkdir(parents=True)
@@ -364,8 +421,8 @@ def test_model_list_marks_backbones_and_puts_dice_next_to_the_previous_version(t
 
 
 def test_fine_tuned_names_follow_the_model(tmp_path, package):
-    from VoCoSegmentationLib.models import ModelEntry
-    from VoCoSegmentationLib.session import finetuned_name
+    from VoCoCommonLib.models import ModelEntry
+    from VoCoCommonLib.models import finetuned_name
 
     base = ModelEntry("organs", "1", "segmentation", True, str(package))
     assert finetuned_name(base) == finetuned_name(str(package)) == "organs"

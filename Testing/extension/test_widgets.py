@@ -22,7 +22,9 @@ from phantoms import oblique_affine, sphere_image
 from slicer_fixtures import REPO
 
 GUI_CPU_BUDGET_S, GUI_WALL_BUDGET_S = 0.05, 0.5
-USER_ASKED_FOR_SLOW = {"VoCoSegmentationWidget.onShowIn3D"}  # Slicer's closed-surface conversion
+# Slicer's own work the user asked for: the closed-surface conversion of Show 3D, and reading a
+# sample volume the user clicked in SampleData (Slicer loads its own samples on the GUI thread too).
+USER_ASKED_FOR_SLOW = {"VoCoSegmentationWidget.onShowIn3D", "downloadSample.<locals>.load"}
 
 
 def wait_for(condition, timeout=300.0, what=""):
@@ -100,6 +102,9 @@ def test_segmentation_widget_runs_every_handler_and_ends_idle(slicer_gui, engine
     import slicer_application
 
     caplog.set_level(logging.ERROR)
+    empty = tmp_path / "registry.json"  # the published models are the first-run test's
+    empty.write_text('{"format": "voco-registry", "format_version": 1, "models": []}')
+    monkeypatch.setenv("VOCO_REGISTRY", str(empty))
     toy = engine.toy(tmp_path / "toy").parent
     organs = engine.package(tmp_path / "organs", "organs", [{"value": 1, "name": "sphere", "color": "#ff0000"}],
                             {"mean_val_dice": 0.4})
@@ -179,7 +184,7 @@ def test_segmentation_widget_runs_every_handler_and_ends_idle(slicer_gui, engine
     assert widget._parameterNode.outputSegmentation is not None and ui.addToTrainingSetButton.enabled
     click(ui.addToTrainingSetButton)
     wait_for(lambda: not session.busy, what="the case to be written")
-    assert ui.trainingSetLabel.text.startswith("Training set: 1 case in ")
+    assert ui.trainingSetLabel.text.startswith("Training set: 1 case(s) in ")
     widget._parameterNode.finetuneSteps = 2
     click(ui.finetuneButton)
     assert ui.finetuneButton.text == "Stop fine-tuning"
@@ -199,6 +204,142 @@ def test_segmentation_widget_runs_every_handler_and_ends_idle(slicer_gui, engine
     assert [label for label, _ in pythonqt.CLOCK.errors] == []
     report = {}
     assert_gui_budget(report)
+
+
+# --- a new user's first run ----------------------------------------------------------------------------
+
+VOCOMNI_NAMES = ["spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
+                 "inferior vena cava", "portal and splenic veins", "pancreas", "right adrenal gland",
+                 "left adrenal gland", "liver tumor", "pancreas tumor", "kidney tumor", "COVID-19 lesion", "colon",
+                 "colon cancer", "lung cancer"]
+
+
+def combo_items(combo) -> list[str]:
+    return [combo.itemText(i) for i in range(combo.count)]
+
+
+def test_a_new_users_first_run_segments_a_ct_with_vocomni_then_fine_tunes_it(slicer_gui, engine_env, engine, shipped,
+                                                                            tmp_path, monkeypatch):
+    """Enter VoCo Segmentation with nothing installed -> the published models are listed -> import
+    VoComni_B.pt (offline) -> segment the real spine CT -> correct a segment -> add the case ->
+    fine-tune vocomni-b in VoCo Pretrain -> the new version is in VoCo Segmentation's list."""
+    import pythonqt
+    import slicer
+
+    checkpoint = engine.vocomni(tmp_path / "published")  # as published, but for its values
+    monkeypatch.setenv("VOCO_REGISTRY", str(checkpoint.parent / "models.json"))
+    ct = slicer.util.loadVolume(str(shipped["spine-ct"]), {"name": "spine CT"})
+    hierarchy = slicer.mrmlScene.GetSubjectHierarchyNode()
+    study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "patient"), "study")
+    hierarchy.CreateItem(study, ct)  # Slicer's subject hierarchy plugins do this for a loaded DICOM series
+
+    _, widget = widget_of("VoCoSegmentation")
+    ui, session, p = widget.ui, widget.session, widget._parameterNode
+    wait_for(lambda: session.state.environment is not None and not session.state.models_loading, what="the models")
+    assert combo_items(ui.modelComboBox) == ["vocomni-b v1.0 — will download 299 MB",
+                                             "vocomni-h v1.0 — will download 4651 MB",
+                                             "vocomni-l v1.0 — will download 1169 MB"]
+    assert p.inputVolume is ct and p.model == "vocomni-b" and ui.applyButton.enabled  # ready at once
+
+    pythonqt.FileDialogs.answers = [str(checkpoint)]
+    click(ui.importModelButton)
+    wait_for(lambda: not session.busy and not session.state.models_loading and
+             ui.modelComboBox.currentText == "vocomni-b v1.0", what="the imported VoComni_B.pt")
+    assert p.model == str(engine_env.parent / "models" / "vocomni-b" / "1.0")  # the installed package
+    ui.deviceComboBox.currentIndex = ui.deviceComboBox.count - 1  # the CPU
+    click(ui.applyButton)
+    wait_for(lambda: not session.busy, timeout=900, what="the VoComni segmentation")
+    result = p.outputSegmentation
+    assert result is not None, ui.statusLabel.text
+    segmentation = result.GetSegmentation()
+    segments = [segmentation.GetNthSegment(i) for i in range(segmentation.GetNumberOfSegments())]
+    assert [segment.GetName() for segment in segments] == VOCOMNI_NAMES
+    assert segments[2].GetTerminology().split("~")[2:4] == ["SCT^64033007^Kidney", "SCT^7771000^Left"]
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(result)) == study  # beside the CT, in its study
+    log = ui.logTextEdit.toPlainText().splitlines()  # the engine's events in the log
+    assert any(" segment: start " in line and "model=vocomni-b" in line for line in log), log
+
+    # the clinician corrects the liver (a box of it) and adds the case
+    liver = segmentation.GetSegmentIdBySegmentName("liver")
+    corrected = np.zeros(slicer.util.arrayFromVolume(ct).shape, np.uint8)
+    corrected[20:50, 10:30, 20:50] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(corrected, result, liver, ct)
+    click(ui.addToTrainingSetButton)
+    wait_for(lambda: not session.busy, what="the case")
+    assert session.state.training_set_count == 1
+
+    # VoCo Pretrain fine-tunes vocomni-b on the training set; the new version joins the list
+    _, pretrain = widget_of("VoCoPretrain")
+    pre_ui, pre_session, pre_p = pretrain.ui, pretrain.session, pretrain._parameterNode
+    wait_for(lambda: pre_session.state.environment is not None and pre_session.state.models, what="its model list")
+    starts = combo_items(pre_ui.finetuneInitComboBox)
+    assert starts[:3] == ["voco-b v1.0 — published backbone (will download)",
+                          "voco-h v1.0 — published backbone (will download)",
+                          "voco-l v1.0 — published backbone (will download)"]
+    assert starts[-1] == "random initialisation (from scratch)"
+    assert pre_ui.finetuneDataSummaryLabel.text.startswith("Labelled data: the training set (1 case(s)")
+    pre_ui.finetuneInitComboBox.currentIndex = starts.index("vocomni-b v1.0")
+    assert pre_p.finetuneInit == p.model
+    pre_ui.deviceComboBox.currentIndex = pre_ui.deviceComboBox.count - 1
+    pre_p.finetuneSteps, pre_p.finetunePatchSize, pre_p.finetuneBatchSize = 1, 64, 1  # a CPU-sized budget
+    ready = []
+    pre_session.modelReady.connect(ready.append)
+    click(pre_ui.finetuneButton)
+    wait_for(lambda: ready, timeout=900, what="the fine-tuned model")
+    assert pre_session.state.run().name.startswith("vocomni-b-") and pre_session.state.run().state == "done"
+
+    pythonqt.CLOCK.measure("VoCoSegmentationWidget.exit", widget.exit)
+    pythonqt.CLOCK.measure("VoCoSegmentationWidget.enter", widget.enter)
+    wait_for(lambda: not session.state.models_loading and len(session.versions("vocomni-b")) == 2,
+             what="the new version in the list")
+    newer = session.versions("vocomni-b")[-1]
+    assert (newer.version, newer.previous_version) == ("2", "1.0")
+    assert any(text.startswith("vocomni-b v2 — Dice ") for text in combo_items(ui.modelComboBox))
+    for module in (widget, pretrain):
+        pythonqt.CLOCK.measure("cleanup", module.cleanup)
+    assert [label for label, _ in pythonqt.CLOCK.errors] == []
+    assert_gui_budget({})
+
+
+# --- what Slicer itself shows of the modules ---------------------------------------------------------
+
+def test_module_texts_go_through_slicers_translation(slicer_gui):
+    import slicer
+    import slicer_application
+
+    for name in ("VoCoCommon", "VoCoSegmentation", "VoCoPretrain"):
+        slicer_application.load_module(name)
+    translated = set(slicer.app.translated)
+    assert {("VoCoSegmentation", "VoCo Segmentation"), ("VoCoPretrain", "VoCo Pretrain"),
+            ("qSlicerAbstractCoreModule", "Segmentation"), ("qSlicerAbstractCoreModule", "Machine Learning")} <= translated
+    assert any(context == "VoCoCommon" and "Please cite VoCo" in text for context, text in translated)
+    assert slicer.modules.vocosegmentation.acknowledgementText == slicer.modules.vocopretrain.acknowledgementText
+
+
+def test_the_sample_volumes_are_offered_in_sample_data_and_the_engine_fetches_them(slicer_gui, engine_env, shipped):
+    import types
+
+    import SampleData
+    import slicer
+    import slicer_application
+
+    python_module, _ = slicer_application.load_module("VoCoCommon")
+    for slot in slicer.app.connections["startupCompleted()"]:  # as Slicer calls them once it is up
+        slot()
+    sources = SampleData.SampleDataLogic.sources["VoCo"]
+    assert [source["sampleName"] for source in sources] == ["Spine CT (TPTBox)", "Spine T2w MRI (TPTBox)",
+                                                             "MNI152 T1 template (nilearn)"]
+    clicked = types.SimpleNamespace(**sources[0])  # what the SampleData button hands its downloader
+    job = pythonqt_measure("downloadSample", python_module.downloadSample, clicked)
+    wait_for(lambda: getattr(job, "node", None) is not None, what="the spine CT")
+    assert job.node.GetName() == "SpineCT" and job.node.GetImageData().GetDimensions() == (73, 47, 73)
+    assert_gui_budget({})
+
+
+def pythonqt_measure(label, function, *args):
+    import pythonqt
+
+    return pythonqt.CLOCK.measure(label, function, *args)
 
 
 # --- VoCo Pretrain ------------------------------------------------------------------------------------
@@ -261,6 +402,16 @@ def test_pretrain_widget_runs_every_handler_and_ends_idle(slicer_gui, engine_env
     assert "mean absolute overlap error" in ui.positionsLabel.text
     assert slicer_application.DISPLAYED[-1] == ("setSliceViewerLayers", ["background", "foreground",
                                                                           "foregroundOpacity"])
+    # fine-tuning: the run just made is a start; with no case and no dataset there is nothing to train on
+    wait_for(lambda: not session.state.models_loading, what="the model list")
+    starts = [ui.finetuneInitComboBox.itemText(i) for i in range(ui.finetuneInitComboBox.count)]
+    assert "widget-run — pretraining run, step 3" in starts and starts[-1] == "random initialisation (from scratch)"
+    assert not ui.finetuneButton.enabled and "add a corrected case" in ui.finetuneButton.toolTip
+    ui.finetuneDataPathLineEdit.currentPath = str(tmp_path)
+    assert p.finetuneDataPath == str(tmp_path) and ui.finetuneButton.enabled
+    assert ui.finetuneDataSummaryLabel.text == f"Labelled data: {tmp_path}"
+    ui.finetuneDataPathLineEdit.currentPath = ""
+    assert p.finetuneDataPath == "" and not ui.finetuneButton.enabled
     click(ui.installDependenciesButton)
     slicer.mrmlScene.Clear(False)
     pythonqt.process_events(1.0)
@@ -332,10 +483,13 @@ base.ScriptedLoadableModuleLogic = base.ScriptedLoadableModuleTest = object
 wrapper = types.ModuleType("slicer.parameterNodeWrapper")
 wrapper.parameterNodeWrapper = lambda cls: cls
 wrapper.WithinRange = wrapper.Choice = lambda *args: None
+i18n = types.ModuleType("slicer.i18n")  # Slicer has it from 5.4
+i18n.tr, i18n.translate = (lambda text: text), (lambda context, text: text)
 qt = types.ModuleType("qt")
 qt.QLabel = lambda text: ("QLabel", text)
 sys.modules.update({{"slicer": slicer, "slicer.util": slicer.util, "slicer.ScriptedLoadableModule": base,
-                    "slicer.parameterNodeWrapper": wrapper, "qt": qt, "vtk": types.ModuleType("vtk")}})
+                    "slicer.parameterNodeWrapper": wrapper, "slicer.i18n": i18n, "qt": qt,
+                    "vtk": types.ModuleType("vtk")}})
 import logging
 logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s", stream=sys.stdout)
 for name in ("VoCoCommon", "VoCoSegmentation", "VoCoPretrain"):

@@ -145,3 +145,18 @@ def test_real_sample_volumes_download_and_verify():
     assert nib.load(spine_ct).shape == (73, 47, 73)
     assert nib.aff2axcodes(nib.load(spine_ct).affine) == ("P", "I", "R")
     assert nib.load(mni_t1).shape == (197, 233, 189)
+
+
+def test_cli_lists_and_fetches_sample_volumes_for_the_front_ends(shipped):
+    from conftest import events, run_voco
+
+    listed = run_voco("samples", "list", "--progress", "jsonl")
+    assert listed.returncode == 0, listed.stderr
+    [samples] = events(listed.stdout)
+    assert {"name": "spine-ct", "modality": "ct"}.items() <= samples["samples"][3].items()
+    fetched = run_voco("samples", "fetch", "spine-ct", "--progress", "jsonl")
+    assert fetched.returncode == 0 and events(fetched.stdout) == [{"event": "done", "time": events(fetched.stdout)[0]["time"],
+                                                                  "path": str(shipped["spine-ct"])}]
+    unknown = run_voco("samples", "fetch", "nope")
+    assert unknown.returncode == 2 and unknown.stdout == "" and len(unknown.stderr.splitlines()) == 1
+    assert unknown.stderr.startswith("error: unknown sample volume 'nope'; known: mni152-t1, ")

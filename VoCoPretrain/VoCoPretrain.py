@@ -186,7 +186,8 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         if self.session.state.environment is None:
             self.session.refresh()  # in the background
-        else:
+        else:  # VoCo Segmentation may have imported or fine-tuned a model meanwhile
+            self.session.refresh_models()
             self.session.refresh_runs()
 
     def exit(self) -> None:

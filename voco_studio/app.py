@@ -11,6 +11,7 @@ processes, as in Slicer. Element ids: README_TESTIDS.md.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import tempfile
 import time
@@ -515,7 +516,11 @@ class StudioApp(TrameApp):
     def _finetuned(self, package: str) -> None:
         """A fine-tuning run of the Pretrain tab is done: its model joins the model list."""
         self.segmentation.refresh_models()
-        self.state.status_text = f"New model: {Path(package).parent.name}"
+        try:  # a card of a few KB, which the engine wrote
+            card = json.loads((Path(package) / "model.json").read_text(encoding="utf-8"))
+            self.state.status_text = f"New model: {card['name']} v{card['version']}"
+        except (OSError, ValueError, KeyError):
+            self.state.status_text = f"New model in {Path(package).parent.name}"
 
     def show_crop_layout(self):
         return self._guarded(lambda: job_id(self.pretrain.crop_layout(
@@ -607,6 +612,7 @@ class StudioApp(TrameApp):
         self.state.pretrain_state = ("finished" if picked.state == "done" else picked.state) if picked else "idle"
         jobs = [job_row(job) for job in self.segmentation.history + self.pretrain.history]
         self.state.jobs = jobs + runs
+        pre.models = seg.models  # one model list on the page: what fine-tuning can start from, too
         starts = self.pretrain.finetune_starts()
         self.state.finetune_inits = [{"value": spec, "title": title} for spec, title in starts]
         if self.state.finetune_init not in {spec for spec, _ in starts}:

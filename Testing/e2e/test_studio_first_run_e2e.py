@@ -91,7 +91,7 @@ def test_a_new_user_segments_a_ct_with_vocomni_and_fine_tunes_it(first_run, modu
     input_of(page, "finetune-batch-input").fill("1")
     tid(page, "pretrain-finetune-button").click()
     expect(page.locator("[data-testid=job-row][data-job-kind=finetune]")).to_have_count(1, timeout=60_000)
-    expect(status(page)).to_contain_text("New model: ", timeout=JOB_TIMEOUT)
+    expect(status(page)).to_have_text("New model: vocomni-b v2", timeout=JOB_TIMEOUT)
     tid(page, "tab-segmentation").click()
     expect(options.filter(has_text=re.compile(r"^vocomni-b v2 — Dice "))).to_have_count(1, timeout=120_000)
     choose(page, "model-select", options.filter(has_text="vocomni-b v2").first.inner_text())

@@ -174,7 +174,7 @@ class Runs:
 
     def new_run_dir(self, name: str | None = None, kind: str = PRETRAIN) -> Path:
         """A new, empty run folder (``<kind>-YYYYmmdd-HHMMSS`` unless named; a suffix keeps it unique)."""
-        base = name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+        base = name or timestamped(kind)
         if any(c in base for c in "/\\") or base in (".", ".."):
             raise ValueError(f"a run name cannot contain a path separator: {base!r}")
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -346,6 +346,11 @@ class Runs:
         if ev.ERROR in attempt and not any(k in ("stopped", ev.CANCELLED) for k in attempt):
             return FAILED
         return STOPPED if has_checkpoint else FAILED
+
+
+def timestamped(name: str) -> str:
+    """``name-YYYYmmdd-HHMMSS``: a run's folder name (a model's runs are told apart by when they began)."""
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _options(**values) -> list[str]:

@@ -77,6 +77,12 @@ class TrainingSet:
         """The ``training`` entries, each with ``case_id`` added."""
         return [{**entry, "case_id": Path(entry["image"]).name.split(".")[0]} for entry in self.read()["training"]]
 
+    def finetuning_data(self) -> Path:
+        """dataset.json, for ``voco finetune --data``; a ValueError for the user while there is no case."""
+        if self.count < 1:
+            raise ValueError("the training set has no cases yet: add a corrected case in VoCo Segmentation")
+        return self.dataset_json
+
     @property
     def count(self) -> int:
         return len(self.read()["training"])

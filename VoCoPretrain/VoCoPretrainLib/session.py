@@ -20,7 +20,6 @@ Example (Slicer's Python console)::
 from __future__ import annotations
 
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from VoCoCommonLib.client import EngineClient
 from VoCoCommonLib.environment import EngineEnvironment
 from VoCoCommonLib.jobs import Job
 from VoCoCommonLib.models import ModelsJob, finetuned_name
-from VoCoCommonLib.runs import DONE, FINETUNE, PRETRAIN, RUNNING
+from VoCoCommonLib.runs import DONE, FINETUNE, PRETRAIN, RUNNING, timestamped
 from VoCoCommonLib.session import Session
 from VoCoCommonLib.signalling import Signal
 from VoCoCommonLib.training_set import TrainingSet
@@ -250,15 +249,12 @@ class PretrainSession(Session):
         selected, and its model joins the model list when it is done (``modelReady``)."""
         if self._job is not None:
             raise ValueError("wait for the running job to finish")
-        if data is None:
-            if self.training_set.count < 1:
-                raise ValueError("the training set has no cases yet: add a corrected case in VoCo Segmentation")
-            data = self.training_set.dataset_json
+        data = data or self.training_set.finetuning_data()
         run = next((r for r in self.state.runs if init and r.checkpoint == init), None)
         entry = next((m for m in self.state.models if init and m.spec == init), None)
         name = name or (f"{run.name}-seg" if run else finetuned_name(entry or init) if init else "scratch-seg")
         run_dir = self.runs.start_finetuning(data, init=init or None, steps=steps, model_name=name, device=device,
-                                             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", patch_size=patch_size,
+                                             name=timestamped(name), patch_size=patch_size,
                                              batch_size=batch_size, extra_args=extra_args)
         self._finetunes.add(str(run_dir))
         self.refresh_runs()

@@ -24,7 +24,6 @@ Example (Slicer's Python console)::
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from VoCoCommonLib.client import EngineClient
 from VoCoCommonLib.environment import EngineEnvironment
 from VoCoCommonLib.jobs import Job
 from VoCoCommonLib.models import ModelEntry, ModelsJob, finetuned_name
-from VoCoCommonLib.runs import DONE, FINETUNE, RUNNING, STOPPED
+from VoCoCommonLib.runs import DONE, FINETUNE, RUNNING, STOPPED, timestamped
 from VoCoCommonLib.session import Session
 from VoCoCommonLib.signalling import Signal
 from VoCoCommonLib.training_set import TrainingSet
@@ -199,14 +198,11 @@ class SegmentationSession(Session):
         training set (or ``dataset``); returns its run folder. Its model is imported when it is done."""
         if self._finetune is not None:
             raise ValueError("a fine-tuning run is going on already")
-        if dataset is None:
-            if self.training_set.count < 1:
-                raise ValueError("the training set has no cases yet")
-            dataset = self.training_set.dataset_json
+        dataset = dataset or self.training_set.finetuning_data()
         name = name or finetuned_name(model)
         spec = model.spec if isinstance(model, ModelEntry) else model
         run = self.runs.start_finetuning(dataset, init=spec, backbone=backbone, steps=steps, model_name=name,
-                                         name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", device=device,
+                                         name=timestamped(name), device=device,
                                          val_every=val_every, checkpoint_every=val_every, extra_args=extra_args)
         base = model if isinstance(model, ModelEntry) else self.model(str(model)) if model else None
         self._finetune = {"run": run, "base": base}

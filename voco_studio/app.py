@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -47,7 +48,7 @@ from trame_slicer.segmentation import (  # noqa: E402
 )
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
 from VoCoCommonLib.client import EngineClient  # noqa: E402
-from VoCoCommonLib.runs import Runs  # noqa: E402
+from VoCoCommonLib.runs import PRETRAIN, Runs  # noqa: E402
 from VoCoCommonLib.settings import read_settings  # noqa: E402
 from VoCoCommonLib.training_set import TrainingSet  # noqa: E402
 from VoCoPretrainLib.session import PretrainSession  # noqa: E402
@@ -55,10 +56,12 @@ from VoCoSegmentationLib.session import SegmentationSession  # noqa: E402
 
 from voco.data.sources import image_suffix  # noqa: E402
 
+from .access import ServerPaths, check_upload  # noqa: E402
 from .chart import loss_chart_svg, table_columns  # noqa: E402
 from . import demo_model  # noqa: E402
 
 POLL_S = 0.5
+MAX_UPLOAD_MB = 2048
 SAMPLES = ["mni152-t1", "spine-ct"]
 LOG_LINES = 200  # of each session's engine log, on the page
 TESTID = [("data_testid", "data-testid")]
@@ -79,6 +82,17 @@ def job_row(job) -> dict:
              else "finished" if job.succeeded else "failed")
     return {"id": job_id(job), "kind": job.kind, "state": state, "progress": round(100 * job.fraction),
             "status": job.error or job.status}
+
+
+def whole_number(value, what: str, minimum: int = 1) -> int:
+    """A count typed on the page, as an int (ValueError with a message for the page otherwise)."""
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise ValueError(f"{what} must be a whole number of at least {minimum}, not {value!r}")
+    return number
 
 
 def dice_suffix(dice: float | None) -> str:
@@ -121,12 +135,20 @@ def _marker_ui(name: str, default_ui):
 
 
 class StudioApp(TrameApp):
-    def __init__(self, server=None, workdir=None, data=(), load_default: bool = True, rca_encoder=None):
+    def __init__(self, server=None, workdir=None, data=(), load_default: bool = True, rca_encoder=None,
+                 data_folders=(), max_upload_mb: float = MAX_UPLOAD_MB):
+        """``data``: the volumes ``--data`` lists; ``data_folders``: the folders it names. Paths typed
+        on the page may name files under those folders and the workdir, or one of ``data``."""
         super().__init__(server)
         self.server.enable_module(trame_slicer_module)
         self.workdir = Path(workdir or Path(tempfile.gettempdir()) / "voco-studio")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_paths = [str(p) for p in data]
+        self.server_paths = ServerPaths([self.workdir, *data_folders], files=self.data_paths)
+        self.uploads_dir = self.workdir / "uploads"
+        self.max_upload_bytes = int(max_upload_mb * 2**20)
+        self.remove_uploads()  # a killed session's
+        self.ctrl.on_server_exited.add(self.remove_uploads)
 
         self.slicer_app = SlicerApp()
         install_slicer_globals(self.slicer_app)
@@ -261,12 +283,17 @@ class StudioApp(TrameApp):
     def load_sample(self, name: str | None = None):
         from voco.data.sample_data import fetch
 
-        name = name or self.state.sample
-        return self._guarded(lambda: self.load_file(fetch(name), name))
+        def load():
+            sample = name or self.state.sample
+            if sample not in SAMPLES:
+                raise ValueError(f"no such sample: {sample} (the samples are {', '.join(SAMPLES)})")
+            return self.load_file(fetch(sample), sample)
+
+        return self._guarded(load)
 
     def load_path(self, path: str | None = None):
-        path = path or self.state.volume_path
-        return self._guarded(lambda: self.load_file(Path(path).expanduser()))
+        path = str(path or self.state.volume_path or "")
+        return self._guarded(lambda: self.load_file(self.server_paths.resolve(path)))
 
     @change("upload_files")
     def _on_upload(self, upload_files, **_):
@@ -274,13 +301,30 @@ class StudioApp(TrameApp):
             return
         upload = ClientFile(upload_files[0] if isinstance(upload_files, list) else upload_files)
         self.state.upload_files = None  # the same file can be chosen again
-        # Only the base name: a client-chosen "../x" must not leave the upload folder.
-        path = Path(tempfile.mkdtemp(prefix="upload-", dir=self.workdir)) / Path(upload.name).name
-        path.write_bytes(upload.content)
-        self._guarded(lambda: self.load_file(path))
+        self._guarded(lambda: self.load_upload(str(upload.name or ""), upload.content or b""))
+
+    def load_upload(self, name: str, content: bytes):
+        """Load an uploaded volume, kept in the workdir's uploads/ until the server stops; nothing
+        is written unless it is a self-contained volume, and nothing is kept if it does not load."""
+        name = Path(name).name  # only the base name: a client-chosen "../x" must not leave the folder
+        check_upload(name, content, self.max_upload_bytes)
+        self.uploads_dir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self.uploads_dir))
+        try:
+            (folder / name).write_bytes(content)
+            return self.load_file(folder / name)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def remove_uploads(self, **_) -> None:
+        shutil.rmtree(self.uploads_dir, ignore_errors=True)
 
     @change("layout")
     def _on_layout(self, layout, **_):
+        if layout not in self.layout_manager.get_layout_ids():  # the page offers these alone
+            self.state.layout = self.layout_manager.layout_id
+            return
         self.layout_manager.set_layout(layout)
         self._fix_threed_views()
 
@@ -302,6 +346,37 @@ class StudioApp(TrameApp):
     def render_views(self) -> None:
         for view in self.slicer_app.view_manager.get_views():
             view.schedule_render()
+
+    # --- what the page picked: only what the server offered (the page can set any state value) -----
+
+    def _offered_model(self):
+        """The segmentation model picked on the page: one of those ``model-select`` offers."""
+        entry = next((m for m in self.segmentation.state.segmentation_models if m.spec == self.state.model), None)
+        if entry is None:
+            raise ValueError("pick a model (or train the demo model)")
+        return entry
+
+    def _offered_device(self) -> str:
+        offered = [d.id for d in self.segmentation.state.devices] or ["auto", "cpu"]  # before the engine said
+        if self.state.device not in offered:
+            raise ValueError(f"pick a device ({', '.join(offered)})")
+        return self.state.device
+
+    def _pretrain_run_dir(self, name) -> Path | None:
+        """The folder of the pretraining run the page picked by its id, if the workdir has it."""
+        run = next((r for r in self.pretrain.state.runs if r.kind == PRETRAIN and r.name == name), None)
+        if run is not None:
+            return Path(run.path)
+        selected = self.pretrain.state.selected  # a run just started here is listed once it launched
+        if name and selected and Path(selected).name == name and Path(selected).parent == self.pretrain.runs.workspace:
+            return Path(selected)
+        return None
+
+    def _picked_run_dir(self) -> Path:
+        run_dir = self._pretrain_run_dir(self.state.pretrain_run)
+        if run_dir is None:
+            raise ValueError("pick a pretraining run")
+        return run_dir
 
     def _guarded(self, action):
         try:
@@ -331,7 +406,7 @@ class StudioApp(TrameApp):
 
         def start():
             self._demo_run = self.segmentation.finetune(
-                None, steps=demo_model.STEPS, device=self.state.device, dataset=dataset or self._demo_dataset(),
+                None, steps=demo_model.STEPS, device=self._offered_device(), dataset=dataset or self._demo_dataset(),
                 name=demo_model.NAME, backbone="swinunetr-tiny", extra_args=demo_model.EXTRA_ARGS,
                 val_every=demo_model.STEPS)
             self.state.status_text = "Training the demo model"
@@ -354,18 +429,17 @@ class StudioApp(TrameApp):
 
     def add_model_path(self):
         """Install a model package (or checkpoint) from a server path; it joins the model list."""
-        path = self.state.model_path.strip()
+        path = str(self.state.model_path or "").strip()
         if path:
-            self._guarded(lambda: self.segmentation.import_model(Path(path).expanduser()))
+            self._guarded(lambda: self.segmentation.import_model(self.server_paths.resolve(path)))
 
     def run_segmentation(self):
         def run():
             if self.volume_node is None:
                 raise ValueError("load a volume first")
-            if not self.state.model:
-                raise ValueError("pick a model (or train the demo model)")
-            job = self.segmentation.segment(self.volume_node, self.state.model, device=self.state.device,
-                                            name=self._result_name(self.state.model))
+            model = self._offered_model()
+            job = self.segmentation.segment(self.volume_node, model, device=self._offered_device(),
+                                            name=self._result_name(model.spec))
             self.state.status_text = "Segmenting"
             self._publish()
             return job_id(job)
@@ -427,11 +501,15 @@ class StudioApp(TrameApp):
             self.state.status_text = "Error: no segmentation to edit yet"
             return
         kinds = {"paint": SegmentationEffectPaint, "erase": SegmentationEffectErase, "none": SegmentationEffectNoTool}
+        if effect not in kinds:
+            self.state.status_text = f"Error: no such editor effect: {effect}"
+            return
         editor.set_active_effect_type(kinds[effect])
         self.state.editor_effect = effect
 
     def select_segment(self, segment_id: str):
-        if self.segmentation_node is not None:
+        node = self.segmentation_node  # an id of one of its segments, nothing else the page sends
+        if node is not None and isinstance(segment_id, str) and node.GetSegmentation().GetSegment(segment_id):
             self.slicer_app.segmentation_editor.set_active_segment_id(segment_id)
 
     def add_to_training_set(self):
@@ -446,8 +524,8 @@ class StudioApp(TrameApp):
 
     def finetune(self):
         def start():
-            model = self.segmentation.model(self.state.model) or self.state.model
-            run = self.segmentation.finetune(model, steps=int(self.state.finetune_steps), device=self.state.device)
+            run = self.segmentation.finetune(self._offered_model(), steps=whole_number(self.state.finetune_steps, "steps"),
+                                             device=self._offered_device())
             self.state.status_text = "Fine-tuning"
             self.pretrain.refresh_runs()
             self._publish()
@@ -464,7 +542,7 @@ class StudioApp(TrameApp):
             return
         older, newer = versions[-2:]
         self._guarded(lambda: self.segmentation.compare_versions(
-            self.volume_node, [older.spec, newer.spec], device=self.state.device,
+            self.volume_node, [older.spec, newer.spec], device=self._offered_device(),
             names=[self._result_name(older.spec), self._result_name(newer.spec)]))
         self.state.status_text = f"Comparing {older.version} and {newer.version}"
         self._publish()
@@ -477,23 +555,22 @@ class StudioApp(TrameApp):
                 raise ValueError("load a volume first")
             # The demo preset's 32-voxel crops need the tiny backbone (the B backbone needs 64).
             run_dir = self.pretrain.start([self.volume_node], preset="demo", backbone="swinunetr-tiny",
-                                          steps=int(self.state.pretrain_steps), batch_size=2, checkpoint_every=5,
-                                          device=self.state.device)
-            self.state.pretrain_run = str(run_dir)
+                                          steps=whole_number(self.state.pretrain_steps, "steps"), batch_size=2,
+                                          checkpoint_every=5, device=self._offered_device())
+            self.state.pretrain_run = run_dir.name
             self._publish()
             return run_dir
 
         return self._guarded(start)
 
     def stop_pretraining(self):
-        if self.state.pretrain_run:
-            self._guarded(lambda: self.pretrain.stop(self.state.pretrain_run))
-            self._publish()
+        self._guarded(lambda: self.pretrain.stop(self._picked_run_dir()))
+        self._publish()
 
     def resume_pretraining(self):
-        if self.state.pretrain_run:
-            self._guarded(lambda: self.pretrain.resume(self.state.pretrain_run, steps=int(self.state.pretrain_steps)))
-            self._publish()
+        self._guarded(lambda: self.pretrain.resume(self._picked_run_dir(),
+                                                   steps=whole_number(self.state.pretrain_steps, "steps")))
+        self._publish()
 
     def start_finetuning(self):
         """A fine-tuning run from the start picked on the page (one of those offered, nothing
@@ -503,10 +580,11 @@ class StudioApp(TrameApp):
             offered = {spec for spec, _ in self.pretrain.finetune_starts()}
             if self.state.finetune_init not in offered:
                 raise ValueError("pick what fine-tuning starts from")
-            run = self.pretrain.start_finetuning(self.state.finetune_init, steps=int(self.state.pretrain_finetune_steps),
-                                                 device=self.state.device,
-                                                 patch_size=int(self.state.finetune_patch_size) or None,
-                                                 batch_size=int(self.state.finetune_batch_size) or None)
+            run = self.pretrain.start_finetuning(
+                self.state.finetune_init, steps=whole_number(self.state.pretrain_finetune_steps, "steps"),
+                device=self._offered_device(),
+                patch_size=whole_number(self.state.finetune_patch_size, "patch size", minimum=0) or None,
+                batch_size=whole_number(self.state.finetune_batch_size, "batch size", minimum=0) or None)
             self.state.status_text = f"Fine-tuning: {run.name}"
             self._publish()
             return run
@@ -528,9 +606,7 @@ class StudioApp(TrameApp):
 
     def show_positions(self):
         def positions():
-            if not self.state.pretrain_run:
-                raise ValueError("pick a pretraining run with a checkpoint")
-            return job_id(self.pretrain.positions(self.volume_node, self.state.pretrain_run,
+            return job_id(self.pretrain.positions(self.volume_node, self._picked_run_dir(),
                                                   out_dir=self.workdir / "positions" / str(int(time.time()))))
 
         return self._guarded(positions)
@@ -569,7 +645,10 @@ class StudioApp(TrameApp):
 
     @change("pretrain_run")
     def _on_pretrain_run(self, pretrain_run, **_):
-        self.pretrain.select(pretrain_run or None)
+        run_dir = self._pretrain_run_dir(pretrain_run) if pretrain_run else None
+        if pretrain_run and run_dir is None:  # no run of the workdir: nothing the page offered
+            self.state.pretrain_run = ""
+        self.pretrain.select(run_dir)
         self._update_chart()
 
     def _update_chart(self, *_) -> None:
@@ -606,9 +685,10 @@ class StudioApp(TrameApp):
         runs = [{"id": r.name, "kind": r.kind, "state": "finished" if r.state == "done" else r.state,
                  "progress": round(100 * r.step / r.total) if r.total and r.step is not None else None,
                  "status": r.message if r.state == "failed" else ""} for r in pre.runs]
-        self.state.pretrain_runs = [{"value": r.path, "title": f"{r.name} ({row['state']})"}
-                                    for r, row in zip(pre.runs, runs) if r.kind == "pretrain"]
-        picked = pre.run(self.state.pretrain_run) if self.state.pretrain_run else None
+        self.state.pretrain_runs = [{"value": r.name, "title": f"{r.name} ({row['state']})"}
+                                    for r, row in zip(pre.runs, runs) if r.kind == PRETRAIN]
+        run_dir = self._pretrain_run_dir(self.state.pretrain_run)
+        picked = pre.run(run_dir) if run_dir else None
         self.state.pretrain_state = ("finished" if picked.state == "done" else picked.state) if picked else "idle"
         jobs = [job_row(job) for job in self.segmentation.history + self.pretrain.history]
         self.state.jobs = jobs + runs

@@ -282,6 +282,44 @@ def test_a_run_stopped_before_its_first_checkpoint_is_stopped_and_resumes_from_t
     assert runs.info(run).step == 3
 
 
+def test_a_resume_replays_only_the_command_job_json_kept_never_a_launch_line_of_events_jsonl(tmp_path):
+    """events.jsonl also holds what the engine printed (and a folder may hold one nobody started):
+    its launch lines are never run again; job.json, which only the front end writes, says the command."""
+    from VoCoCommonLib import events as ev
+    from VoCoCommonLib.runs import Runs
+
+    started = []
+
+    class Ended:  # a process that has already ended
+        pid = None
+
+        def wait(self):
+            return 0
+
+        def poll(self):
+            return 0
+
+    runs = Runs(tmp_path / "runs", start_process=lambda command, *_: started.append(command) or Ended())
+    forged = runs.workspace / "forged"
+    forged.mkdir(parents=True)
+    ev.append_event(forged / "events.jsonl", {"event": ev.LAUNCH, "args": ["pretrain", "--out", str(tmp_path)]})
+    ev.append_event(forged / "events.jsonl", {"event": ev.STOP_REQUESTED})
+    with pytest.raises(RuntimeError, match="no checkpoint"):
+        runs.resume("forged")
+    assert started == [] and sorted(p.name for p in forged.iterdir()) == ["events.jsonl"]
+
+    run = runs.start_pretraining(["scan.nii.gz"], steps=2, name="early", device="cpu")
+    deadline = time.monotonic() + 30
+    while json.loads((run / "job.json").read_text()).get("returncode") is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ev.append_event(run / "events.jsonl", {"event": ev.STOP_REQUESTED})
+    runs.resume(run, steps=3)
+    first, again = started
+    assert again[again.index("-m") + 1:] == first[first.index("-m") + 1:first.index("--steps") + 1] + ["3"] + \
+        first[first.index("--steps") + 2:]
+
+
 def test_stopping_under_a_launcher_that_dies_keeps_the_run_running_until_its_checkpoint_is_written(
         tmp_path, shipped, engine):
     """The launcher dies at once; the engine holds the run's lock while it checkpoints, so the run is

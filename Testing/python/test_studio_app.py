@@ -210,3 +210,135 @@ def test_a_non_editable_install_carries_what_voco_studio_imports(tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert all(path.startswith(str(tmp_path / "site")) for path in run.stdout.split())
+
+
+# --- what a page user can reach on the server (issue 12) -----------------------------------------------
+
+def nifti_bytes(tmp_path) -> bytes:
+    import nibabel as nib
+
+    path = tmp_path / "small.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(512, dtype=np.float32).reshape(8, 8, 8), np.eye(4)), str(path))
+    return path.read_bytes()
+
+
+def upload(studio, name: str, content: bytes) -> None:
+    """What the page's file input sends: trame's file dict in the ``upload_files`` state."""
+    studio._on_upload([{"name": name, "size": len(content), "type": "", "content": content}])
+
+
+def page_sets(studio, **values) -> None:
+    """What trame does with a change the page sends: update the state and run its @change handlers
+    (which run once the state is ready, as the server makes it when it starts)."""
+    studio.state.ready()
+    with studio.state:
+        studio.state.update(values)
+
+
+def uploads_left(studio) -> list:
+    return sorted(p.name for p in (studio.workdir / "uploads").rglob("*") if p.is_file()) \
+        if (studio.workdir / "uploads").is_dir() else []
+
+
+@pytest.mark.parametrize("name, header", [
+    ("secret.nhdr", "NRRD0004\ntype: uint8\ndimension: 1\nsizes: {size}\nencoding: raw\ndata file: {target}\n\n"),
+    ("secret.nrrd", "NRRD0004\ntype: uint8\ndimension: 1\nsizes: {size}\nencoding: raw\ndatafile: {target}\n\n"),
+    ("secret.nii", "NRRD0004\ntype: uint8\ndimension: 1\nsizes: {size}\nencoding: raw\ndata file: {target}\n\n"),
+    ("secret.mhd", "ObjectType = Image\nNDims = 1\nDimSize = {size}\nElementType = MET_UCHAR\n"
+                   "ElementDataFile = {target}\n"),
+    ("secret.hdr", "{target}"),
+])
+def test_an_upload_that_refers_to_another_file_is_refused_and_nothing_is_kept(studio, tmp_path, name, header):
+    """A detached header would make the server read (and stream to the page) any file it can read."""
+    target = tmp_path / "server-secret.raw"
+    target.write_bytes(b"server secret!" * 4)
+    before = studio.state.volume_name
+    upload(studio, name, header.format(target=target, size=target.stat().st_size).encode())
+    assert studio.state.status_text.startswith("Error:") and "self-contained" in studio.state.status_text
+    assert studio.state.volume_name == before
+    assert uploads_left(studio) == []
+
+
+def test_a_self_contained_upload_loads_and_one_over_the_cap_or_not_a_volume_leaves_nothing(studio, tmp_path,
+                                                                                             monkeypatch):
+    upload(studio, "small.nii.gz", nifti_bytes(tmp_path))
+    assert studio.state.status_text == "Loaded small.nii.gz"
+    assert uploads_left(studio) == ["small.nii.gz"]
+    upload(studio, "events.jsonl", b'{"event": "launch", "args": ["pretrain", "--help"]}\n')
+    assert studio.state.status_text.startswith("Error:") and uploads_left(studio) == ["small.nii.gz"]
+    upload(studio, "broken.nii.gz", b"\x1f\x8b not really gzip")
+    assert studio.state.status_text.startswith("Error:") and uploads_left(studio) == ["small.nii.gz"]
+    monkeypatch.setattr(studio, "max_upload_bytes", 1000)
+    upload(studio, "large.nii.gz", nifti_bytes(tmp_path) + b"\0" * 1000)
+    assert studio.state.status_text.startswith("Error:") and "upload limit" in studio.state.status_text
+    assert uploads_left(studio) == ["small.nii.gz"]
+    studio.ctrl.on_server_exited()  # what the server runs when it stops
+    assert not (studio.workdir / "uploads").exists()
+
+
+def test_server_paths_load_only_under_data_and_workdir_and_say_the_same_for_missing_and_existing(
+        studio, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    existing = outside / "scan.nii.gz"
+    existing.write_bytes(nifti_bytes(tmp_path))
+    link = studio.workdir / "link-out.nii.gz"
+    link.symlink_to(existing)
+    before = studio.state.volume_name
+    said = {}
+    for name, path in {"existing": existing, "missing": outside / "none.nii.gz", "link": link,
+                       "dotdot": studio.workdir / ".." / outside.name / "scan.nii.gz"}.items():
+        studio.state.volume_path = str(path)
+        studio.load_path()
+        said[name] = studio.state.status_text.replace(str(path), "PATH")
+        assert studio.state.volume_name == before, name
+    assert len(set(said.values())) == 1 and said["existing"].startswith("Error: PATH:"), said
+    studio.state.model_path = str(existing)
+    studio.add_model_path()
+    assert studio.state.status_text.replace(str(existing), "PATH") == said["existing"]
+    inside = studio.workdir / "inside.nii.gz"
+    inside.write_bytes(nifti_bytes(tmp_path))
+    studio.state.volume_path = str(inside)
+    studio.load_path()
+    assert studio.state.status_text == "Loaded inside.nii.gz"
+
+
+def test_a_run_is_picked_by_its_id_and_a_folder_the_page_names_is_never_resumed(studio, tmp_path):
+    """An uploaded events.jsonl with a launch event, picked as the run, must not be replayed."""
+    forged = tmp_path / "forged-run"
+    forged.mkdir()
+    (forged / "events.jsonl").write_text('{"event": "launch", "args": ["pretrain", "--help"]}\n'
+                                         '{"event": "stop_requested"}\n')
+    for name in (str(forged), "../" + forged.name, forged.name):
+        page_sets(studio, pretrain_run=name)
+        assert studio.state.pretrain_run == "" and studio.pretrain.state.selected is None, name
+        studio.state.pretrain_run = name  # pending: the buttons check it again themselves
+        studio.resume_pretraining()
+        studio.stop_pretraining()
+        studio.show_positions()
+    assert sorted(p.name for p in forged.iterdir()) == ["events.jsonl"]
+
+
+def test_page_values_that_the_server_did_not_offer_are_refused(studio):
+    layout = studio.state.layout
+    page_sets(studio, layout="no-such-layout")
+    assert studio.state.layout == layout
+    for effect in ("no-such-effect", "paint"):
+        studio.set_editor_effect(effect)
+    studio.select_segment("no-such-segment")
+    studio.state.sample = "../../etc/passwd"
+    studio.load_sample()
+    assert studio.state.status_text.startswith("Error:") and "sample" in studio.state.status_text
+    studio.state.model = "/etc/passwd"
+    studio.run_segmentation()
+    assert studio.state.status_text.startswith("Error:") and "model" in studio.state.status_text
+    studio.finetune()
+    assert studio.state.status_text.startswith("Error:") and "model" in studio.state.status_text
+    studio.state.device = "--evil"
+    studio.start_pretraining()
+    assert studio.state.status_text.startswith("Error:") and "device" in studio.state.status_text
+    studio.state.device = "cpu"
+    studio.state.pretrain_steps = "-5"
+    studio.start_pretraining()
+    assert studio.state.status_text.startswith("Error:") and "steps" in studio.state.status_text
+    assert studio.pretrain.state.runs == [] or all(r.kind != "pretrain" for r in studio.pretrain.state.runs)

@@ -6,7 +6,8 @@ Segmentation's fine-tuning of the clinician's cases, the demo model. Each run is
 ``checkpoint.pt`` for pretraining; ``last.pt``, ``best.pt``, ``model/`` for fine-tuning, and its
 ``.lock`` while it trains) plus ours:
 
-- ``job.json``: kind, command, PID of the process we started, start time, exit code once known;
+- ``job.json``: kind, command (and the first attempt's), PID of the process we started, start
+  time, exit code once known; a resume runs only commands it holds, never what events.jsonl says;
 - ``events.jsonl``: the engine's stdout itself (its progress events, appended by the engine, so
   they reach the disk whether or not anyone watches), each attempt opened by our ``launch``
   line and, when we saw it end, closed by our ``exit`` line;
@@ -217,13 +218,13 @@ class Runs:
         """Continue a stopped (or failed) run from its checkpoint with ``--resume``; ``steps`` may grow."""
         run_dir = self.run_dir(run)
         info = self.info(run_dir)
+        first = read_job(run_dir).get("first_command")
         if info.state == RUNNING:
             raise RuntimeError(f"run {info.name} is still running")
         if info.checkpoint is not None:
             args = [info.kind, "--out", str(run_dir), "--resume"] + _options(steps=steps, device=device)
-        elif info.state == STOPPED:  # stopped before its first checkpoint: the first command again
-            first = next(e for e in ev.read_jsonl(run_dir / EVENTS_FILE) if e.get("event") == ev.LAUNCH)
-            args = _with_options(first["args"], steps=steps, device=device)
+        elif info.state == STOPPED and first:  # stopped before its first checkpoint: the first command again
+            args = _with_options(first, steps=steps, device=device)
         else:
             raise RuntimeError(f"run {info.name} has no checkpoint to resume from")
         return self._launch(run_dir, info.kind, args)
@@ -231,6 +232,7 @@ class Runs:
     def _launch(self, run_dir: Path, kind: str, args: list[str]) -> Path:
         (run_dir / STOP_FILE).unlink(missing_ok=True)
         job = read_job(run_dir)
+        job.setdefault("first_command", list(args))
         job.update(kind=kind, name=run_dir.name, command=list(args), started=time.time(), ended=None,
                    returncode=None, pid=None, attempts=job.get("attempts", 0) + 1)
         ev.append_event(run_dir / EVENTS_FILE, {"event": ev.LAUNCH, "time": round(time.time(), 3), "args": list(args)})

@@ -25,6 +25,7 @@ import zlib
 from pathlib import Path
 from urllib.parse import urlsplit
 
+MAX_UPLOAD_MB = 2048
 UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 NOT_SELF_CONTAINED = ("not a self-contained volume: uploads take a .nii, .nii.gz or .nrrd file with its data "
                       "inside (a header that names another file is refused)")

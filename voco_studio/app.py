@@ -56,12 +56,11 @@ from VoCoSegmentationLib.session import SegmentationSession  # noqa: E402
 
 from voco.data.sources import image_suffix  # noqa: E402
 
-from .access import ServerPaths, check_upload  # noqa: E402
+from .access import MAX_UPLOAD_MB, ServerPaths, check_upload  # noqa: E402
 from .chart import loss_chart_svg, table_columns  # noqa: E402
 from . import demo_model  # noqa: E402
 
 POLL_S = 0.5
-MAX_UPLOAD_MB = 2048
 SAMPLES = ["mni152-t1", "spine-ct"]
 LOG_LINES = 200  # of each session's engine log, on the page
 TESTID = [("data_testid", "data-testid")]

@@ -57,7 +57,8 @@ def studio(tmp_path_factory, chromium_context):
             pytest.skip("VoCo Studio's dependencies are not installed (ModuleNotFoundError; "
                         "see Testing/e2e/artifacts/studio.log)")
         raise
-    assert server.url == f"http://127.0.0.1:{port}/"
+    assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/\?secret=[A-Za-z0-9_-]{{20,}}", server.url), server.url
+    server.workdir = workdir
     yield server
     server.stop()
 
@@ -129,6 +130,32 @@ def test_open_page(page, module_shots):
     module_shots(page, "open", publish="studio_open")
 
 
+def test_the_page_connects_only_with_the_printed_token_and_from_its_own_address(studio, chromium_context):
+    """The printed URL carries this start's secret (every other test opens it); a page without it
+    gets nothing from the server, and a WebSocket from another site's page is refused outright."""
+    base = studio.url.split("?")[0]
+    stranger = chromium_context.new_page()
+    with stranger.expect_console_message(lambda m: "Authentication failed" in m.text, timeout=60_000):
+        stranger.goto(base + "?secret=not-this-start-s-token")
+    expect(stranger.locator("[data-testid=studio-root]")).to_have_count(0)
+    stranger.close()
+    assert websocket_handshake_status(base, origin="http://evil.example") == 403
+    assert websocket_handshake_status(base, origin=base.rstrip("/")) == 101
+
+
+def websocket_handshake_status(base: str, origin: str) -> int:
+    """The HTTP status a browser's WebSocket request from a page at ``origin`` gets."""
+    import socket
+
+    host = base.split("//")[1].rstrip("/")
+    name, port = host.rsplit(":", 1)
+    with socket.create_connection((name, int(port)), timeout=30) as connection:
+        connection.sendall((f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                            f"Origin: {origin}\r\n\r\n").encode())
+        return int(connection.recv(200).split()[1])
+
+
 def test_load_shipped_volume(page, module_shots):
     tid(page, "tab-segmentation").click()
     before = views_png(page)
@@ -140,11 +167,19 @@ def test_load_shipped_volume(page, module_shots):
     module_shots(page, "load_spine_ct", publish="studio_load_volume")
 
 
-def test_load_server_path(page, module_shots):
+def test_load_server_path(page, studio, module_shots):
+    """A path under the workdir loads; the sample cache is outside the folders it may read."""
+    import shutil
+
     from voco.data.sample_data import fetch
 
     field = input_of(page, "volume-path-input")
     field.fill(str(fetch("spine-ct")))
+    field.press("Enter")
+    tid(page, "load-path-button").click()
+    expect(status(page)).to_contain_text("not under the folders this server offers", timeout=60_000)
+    copy = shutil.copy(fetch("spine-ct"), studio.workdir / "spine-ct.nii.gz")
+    field.fill(str(copy))
     field.press("Enter")
     tid(page, "load-path-button").click()
     expect(status(page)).to_contain_text("Loaded spine-ct.nii.gz", timeout=120_000)

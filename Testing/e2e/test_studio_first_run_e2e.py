@@ -26,9 +26,10 @@ def first_run(tmp_path_factory, chromium_context):
     if reason:
         pytest.skip(reason)
     workdir = tmp_path_factory.mktemp("first-run")
-    (workdir / "published").mkdir()
-    checkpoint = write_vocomni_checkpoint(workdir / "published" / "VoComni_B.pt")
-    registry = registry_for(workdir / "published", {checkpoint.name: checkpoint})
+    published = workdir / "studio" / "published"  # the page adds models from under its workdir alone
+    published.mkdir(parents=True)
+    checkpoint = write_vocomni_checkpoint(published / "VoComni_B.pt")
+    registry = registry_for(published, {checkpoint.name: checkpoint})
     port = free_port()
     command = [sys.executable, "-m", "voco_studio", "--host", "127.0.0.1", "--port", str(port),
                "--workdir", str(workdir / "studio")]

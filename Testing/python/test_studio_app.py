@@ -342,3 +342,29 @@ def test_page_values_that_the_server_did_not_offer_are_refused(studio):
     studio.start_pretraining()
     assert studio.state.status_text.startswith("Error:") and "steps" in studio.state.status_text
     assert studio.pretrain.state.runs == [] or all(r.kind != "pretrain" for r in studio.pretrain.state.runs)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--token", "12345678"], "--token"),      # the page would send it back as a number
+    (["--token", "short"], "--token"),
+    (["--token", "has spaces in it"], "--token"),
+    (["--token", "a-token-of-mine", "--no-token"], "not allowed with"),
+    (["--max-upload-mb", "0"], "--max-upload-mb"),
+])
+def test_a_token_the_page_cannot_send_back_or_no_upload_room_stops_the_start_in_one_line(capsys, args, says):
+    from voco_studio.cli import main
+
+    assert main(args + ["--port", "1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], lines
+    assert "unrecognized" not in lines[0]
+
+
+def test_each_start_has_a_new_token_that_the_page_sends_back_as_text():
+    from voco_studio.access import new_token, page_keeps_as_text, same_origin
+
+    tokens = {new_token() for _ in range(50)}
+    assert len(tokens) == 50 and all(page_keeps_as_text(t) and len(t) >= 32 for t in tokens)
+    assert not any(page_keeps_as_text(t) for t in ("1e10", "0x1f2e3d4c", "Infinity", "-12345678", "true"))
+    assert same_origin("http://localhost:9000", "localhost:9000")  # through a tunnel: the page's own address
+    assert not same_origin("http://evil.example", "127.0.0.1:8080") and not same_origin("null", "127.0.0.1:8080")

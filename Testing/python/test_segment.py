@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import nibabel as nib
 import nrrd
@@ -192,6 +193,27 @@ def test_a_second_run_replaces_the_outputs_of_the_first(toy_network, toy_package
     segment(source, output, toy_package, SegmentOptions(device="cpu", tta=True), Events())
     second = json.loads((tmp_path / "seg.json").read_text())
     assert (first["tta"], second["tta"]) == (False, True)
+
+
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_no_file(toy_network, toy_package, tmp_path,
+                                                                      monkeypatch, capsys):
+    import errno
+
+    def full_disk(labels, affine, source, path):
+        Path(path).write_bytes(b"part of a label map")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    toy_network(Threshold())
+    source, _ = axis_aligned(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(segment_module, "write_label_map", full_disk)
+    capsys.readouterr()
+    assert main(["segment", str(source), str(out / "seg.nii.gz"), "--model", str(toy_package.folder),
+                 "--progress", "jsonl"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out / 'seg.nii.gz'}: disk full: could not write it")
+    assert os.listdir(out) == []
 
 
 # --- 2. resampling scores back to a grid -----------------------------------------------------------

@@ -169,8 +169,9 @@ def write_outputs(labels: np.ndarray, affine: np.ndarray, source, output: Path, 
     them), then both are renamed with SIGTERM/SIGINT held back."""
     with signals_held_at_exit() as hold:
         with ExitStack() as stack:
-            label_tmp = stack.enter_context(atomic_path(output))
             json_tmp = stack.enter_context(atomic_path(sidecar_path(output)))
+            # innermost, so that an error (a full disk) is reported for the large file, the label map
+            label_tmp = stack.enter_context(atomic_path(output))
             write_label_map(labels, affine, source, label_tmp)
             json_tmp.write_text(json.dumps(sidecar, indent=1))
             hold()  # the renames run as the ExitStack closes

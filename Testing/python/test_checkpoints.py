@@ -352,3 +352,73 @@ def test_cli_inspect_of_a_bad_file_is_one_error_line_and_exit_code_2(tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'cut.pt'}: not a readable"), result.stderr
+
+
+# --- writing: a full disk, and what a killed writer leaves ---------------------------------------------------
+
+def _full_disk(how):
+    """A torch.save that fails the way it does on a full disk."""
+    import errno
+
+    real_save = torch.save
+
+    def save(state, target):
+        stream = target if hasattr(target, "write") else open(target, "wb")
+        stream.write(b"partial bytes")
+        if how == "dev_full":  # the real thing: torch writing to a device that is always full
+            with open("/dev/full", "wb") as full:
+                real_save(state, full)
+        if how == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    return save
+
+
+@pytest.mark.parametrize("how", ["dev_full", "oserror", "torch_runtime_error"])
+def test_a_full_disk_says_disk_full_keeps_the_previous_checkpoint_and_leaves_no_temporary(how, tmp_path,
+                                                                                          monkeypatch):
+    if how == "dev_full" and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    from voco.checkpoints.files import load_checkpoint, save_checkpoint
+
+    path = save_checkpoint({"step": 1}, tmp_path / "last.pt")
+    monkeypatch.setattr(torch, "save", _full_disk(how))
+    with pytest.raises(VocoInputError) as error:
+        save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
+    assert str(error.value).startswith(f"{path}: disk full: could not write it (") and "MB free there)" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert load_checkpoint(path) == {"step": 1}
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def _left_by_a_kill(path) -> str:
+    """The name of the temporary that ``atomic_path`` writes for ``path``, left as a kill leaves it."""
+    from voco.checkpoints.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(b"half a checkpoint")
+        os.link(tmp, path.with_name("kept"))
+        name = tmp.name
+    os.replace(path.with_name("kept"), path.with_name(name))
+    return name
+
+
+def test_taking_the_run_lock_removes_the_temporaries_of_a_killed_run_and_nothing_else(tmp_path):
+    from voco.jobs.run_lock import run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [_left_by_a_kill(run / "last.pt"), _left_by_a_kill(run / "checkpoint.pt"),
+             _left_by_a_kill(run / "config.json"), _left_by_a_kill(run / "seg.nii.gz")]
+    (run / f".model.new-{'0' * 32}").mkdir()  # a model package folder never swapped in
+    (run / f".model.new-{'0' * 32}" / "weights.pt").write_bytes(b"half")
+    kept = ["notes.tmp.txt", ".hidden", ".last.pt.abc.tmp.pt", "my.tmp"]
+    for name in kept:
+        (run / name).write_text("user file")
+    kept += ["last.pt", "checkpoint.pt", "config.json", "seg.nii.gz", ".lock"]
+    (run / ".model.old-keepme").mkdir()  # a complete old package (atomic_folder puts it back)
+    with run_lock(run):
+        assert sorted(os.listdir(run)) == sorted(kept + [".model.old-keepme"])
+    assert all(len(name) > len(".last.pt.") for name in stale)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import events, run_voco
+from voco.cli import main
 from voco.errors import VocoInputError
 from voco.jobs.progress import SilentReporter
 from voco.registry import registry
@@ -426,3 +427,79 @@ def test_a_segmentation_checkpoint_downloads_into_a_package_that_segments(server
     assert done.returncode == 0, done.stderr
     sidecar = json.loads((tmp_path / "seg.json").read_text())
     assert (sidecar["model"]["name"], [label["name"] for label in sidecar["labels"]]) == ("omni", ["sphere"])
+
+
+# --- a model package is replaced whole, and its card is checked -----------------------------------------
+
+# Writes version 2 of the package in argv[1] and SIGKILLs itself right after its argv[2]-th rename.
+_KILLED_WRITER = """
+import os, signal, sys, torch
+from voco.registry.package import Label, ModelCard, Preprocessing, write_package
+
+renames, rename = [0], os.replace
+def killing_rename(source, target):
+    rename(source, target)
+    renames[0] += 1
+    if renames[0] == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = killing_rename
+card = ModelCard("spleen", "2", "swinunetr-tiny", 1, [Label(1, "spleen", "#9d6c62")],
+                 Preprocessing("ct", (1.5, 1.5, 1.5), (64, 64, 64)))
+write_package(sys.argv[1], card, {"out.weight": torch.full((2, 3), 2.0)})
+"""
+
+
+@pytest.mark.parametrize("renames", [1, 3])
+def test_a_package_write_killed_between_its_renames_leaves_a_complete_package(renames, tmp_path):
+    """Rename 1 put the new weights beside the old card (the old model failed its sha256); with
+    the package written as a new folder, rename 3 moves the old folder aside for the new one."""
+    import signal
+    import subprocess
+    import sys
+
+    folder = tmp_path / "model"
+    write_package(folder, _card(), {"out.weight": torch.ones(2, 3)})
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(folder), str(renames)], capture_output=True,
+                            text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    survivor = read_package(folder, verify=True)  # the old package or the new one, never a mixture
+    assert survivor.card.version in ("2.0", "2")
+    third = _card()
+    third.version = "3"
+    write_package(folder, third, {"out.weight": torch.full((2, 3), 3.0)})
+    assert read_package(folder, verify=True).card.version == "3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # what the kill left is cleaned up
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "weights.pt"]
+
+
+def _card_with(**preprocessing) -> dict:
+    values = _card().to_dict()
+    values["preprocessing"].update(preprocessing)
+    return values
+
+
+@pytest.mark.parametrize("values, message", [
+    (_card_with(patch_size=[0, 0, 0]), "patch_size must be three multiples of 32 up to 512, got [0, 0, 0]"),
+    (_card_with(patch_size=[4096, 4096, 4096]), "patch_size must be three multiples of 32 up to 512"),
+    (_card_with(patch_size=[96, 96]), "patch_size must be three multiples of 32"),
+    (_card_with(patch_size="96"), "patch_size must be three multiples of 32"),
+    (_card_with(spacing=[0, 1, 1]), "spacing must be three sizes of 0.05 to 20 mm, got [0, 1, 1]"),
+    (_card_with(spacing=[1e308, 1, 1]), "spacing must be three sizes of 0.05 to 20 mm"),
+    (_card_with(fast_spacing=[-3, 3, 3]), "fast_spacing must be three sizes of 0.05 to 20 mm"),
+    (_card_with(modality="pet"), "modality must be one of ct, ct-chest, mri"),
+    ({**_card().to_dict(), "in_channels": 0}, "in_channels must be 1..16, got 0"),
+    ({**_card().to_dict(), "in_channels": "1"}, "in_channels must be 1..16"),
+    ({**_card().to_dict(), "labels": [{"value": 1e12, "name": "x", "color": "#000000"}]}, "labels must be"),
+    ({**_card().to_dict(), "labels": [{"value": 70000, "name": "x", "color": "#000000"}]}, "up to 65535"),
+    ([1, 2], "not a voco-model model card"),
+])
+def test_a_card_with_impossible_values_is_a_one_line_error(values, message, tmp_path, capsys):
+    folder = tmp_path / "bad"
+    write_package(folder, _card(), {"out.weight": torch.ones(2, 3)})
+    (folder / "model.json").write_text(json.dumps(values))
+    with pytest.raises(VocoInputError, match="bad/model.json: ") as error:
+        read_package(folder)
+    assert message in str(error.value)
+    image = tmp_path / "scan.nii.gz"
+    assert main(["segment", str(image), str(tmp_path / "seg.nii.gz"), "--model", str(folder)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import nibabel as nib
 import nrrd
@@ -180,6 +181,39 @@ def test_labels_land_where_the_structure_is_on_an_oblique_grid(kind, toy_network
     print(f"{kind}: Dice of the segmented sphere vs the analytic one: {score:.3f}")
     assert score > 0.9
     assert sidecar["labels"][0]["voxels"] == np.count_nonzero(labels == 3)
+
+
+def test_a_second_run_replaces_the_outputs_of_the_first(toy_network, toy_package, tmp_path):
+    """Its own earlier sidecar is the one existing file an output may replace."""
+    toy_network(Threshold())
+    source, _ = axis_aligned(tmp_path)
+    output = tmp_path / "seg.nii.gz"
+    segment(source, output, toy_package, SegmentOptions(device="cpu"), Events())
+    first = json.loads((tmp_path / "seg.json").read_text())
+    segment(source, output, toy_package, SegmentOptions(device="cpu", tta=True), Events())
+    second = json.loads((tmp_path / "seg.json").read_text())
+    assert (first["tta"], second["tta"]) == (False, True)
+
+
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_no_file(toy_network, toy_package, tmp_path,
+                                                                      monkeypatch, capsys):
+    import errno
+
+    def full_disk(labels, affine, source, path):
+        Path(path).write_bytes(b"part of a label map")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    toy_network(Threshold())
+    source, _ = axis_aligned(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(segment_module, "write_label_map", full_disk)
+    capsys.readouterr()
+    assert main(["segment", str(source), str(out / "seg.nii.gz"), "--model", str(toy_package.folder),
+                 "--progress", "jsonl"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out / 'seg.nii.gz'}: disk full: could not write it")
+    assert os.listdir(out) == []
 
 
 # --- 2. resampling scores back to a grid -----------------------------------------------------------
@@ -507,13 +541,13 @@ def test_sigterm_leaves_an_existing_output_unchanged(package, big_volume, tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     (out / "seg.nrrd").write_bytes(b"previous label map")
-    (out / "seg.json").write_text('{"previous": true}')
+    (out / "seg.json").write_text('{"format": "voco-segmentation", "previous": true}')
     code, stream, stderr = cancel_on_first_progress(big_volume, out / "seg.nrrd", package)
     assert code == 128 + signal.SIGTERM, stderr
     assert stream[-1]["event"] == "cancelled"
     assert sorted(os.listdir(out)) == ["seg.json", "seg.nrrd"]
     assert (out / "seg.nrrd").read_bytes() == b"previous label map"
-    assert (out / "seg.json").read_text() == '{"previous": true}'
+    assert (out / "seg.json").read_text() == '{"format": "voco-segmentation", "previous": true}'
 
 
 # --- 8. bad input ------------------------------------------------------------------------------------------------
@@ -594,6 +628,22 @@ def bad_case(name, tmp, package, models):
     if name == "registry_backbone":  # found in the registry: refused before anything is downloaded
         return ["segment", good, out, "--model", "voco-b"], \
             "voco-b is a pretrained backbone without a segmentation head"
+    if name == "output_is_the_input":
+        return ["segment", good, good, "--model", model], "good.nii.gz: output would replace the input image"
+    if name == "output_is_a_hard_link_to_the_input":
+        os.link(good, tmp / "out" / "linked.nii.gz")
+        return ["segment", good, tmp / "out" / "linked.nii.gz", "--model", model], \
+            "linked.nii.gz: output would replace the input image"
+    if name == "output_through_a_symlinked_folder":
+        (tmp / "again").symlink_to(tmp, target_is_directory=True)
+        return ["segment", good, tmp / "again" / "good.nii.gz", "--model", model], "output would replace the input"
+    if name == "sidecar_would_replace_dataset_json":
+        (tmp / "out" / "dataset.json").write_text('{"name": "my data", "training": []}')
+        return ["segment", good, tmp / "out" / "dataset.nii.gz", "--model", model], \
+            "dataset.nii.gz: its sidecar " + str(tmp / "out" / "dataset.json") + " exists and was not written by voco"
+    if name == "sidecar_would_replace_model_json":
+        (tmp / "out" / "model.json").write_text("{}")
+        return ["segment", good, tmp / "out" / "model.nrrd", "--model", model], "model.json exists and was not written"
     if name == "output_is_folder":
         (tmp / "out" / "seg.nii.gz").mkdir(parents=True)
         return ["segment", good, out, "--model", model], "seg.nii.gz: output is a folder"
@@ -603,7 +653,8 @@ def bad_case(name, tmp, package, models):
 BAD = ["two_dimensional", "four_dimensional", "missing_image", "unknown_model", "truncated_weights",
        "truncated_weights_unverified", "card_not_json", "weights_do_not_fit", "png_output", "bad_roi_text",
        "roi_outside", "overlap", "batch_size", "unknown_device", "cuda_without_gpu", "installed_backbone",
-       "registry_backbone", "output_is_folder"]
+       "registry_backbone", "output_is_folder", "output_is_the_input", "output_is_a_hard_link_to_the_input",
+       "output_through_a_symlinked_folder", "sidecar_would_replace_dataset_json", "sidecar_would_replace_model_json"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -613,6 +664,7 @@ def test_bad_input_gets_one_error_line_exit_code_2_and_writes_nothing(case, pack
     (tmp_path / "out").mkdir()
     argv, expected = bad_case(case, tmp_path, package, models)
     before = sorted(os.listdir(tmp_path / "out"))
+    sizes = {p.name: p.stat().st_size for p in tmp_path.iterdir() if p.is_file()}
     capsys.readouterr()
     code = main([str(a) for a in argv] + ["--progress", "jsonl"])
     captured = capsys.readouterr()
@@ -623,6 +675,7 @@ def test_bad_input_gets_one_error_line_exit_code_2_and_writes_nothing(case, pack
     last = json.loads(captured.out.strip().splitlines()[-1])
     assert last["event"] == "error" and expected in last["message"]
     assert sorted(os.listdir(tmp_path / "out")) == before  # nothing written, not even a temporary file
+    assert {p.name: p.stat().st_size for p in tmp_path.iterdir() if p.is_file()} == sizes  # the input intact
     assert not models.exists() or sorted(p.name for p in models.iterdir()) in ([], ["tiny-backbone"])
 
 

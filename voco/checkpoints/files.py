@@ -1,12 +1,23 @@
 """Writing checkpoints and outputs so that a crash never leaves a half-written file, and reading
-checkpoints without ever running code from them."""
+checkpoints without ever running code from them.
+
+A file is written under a temporary name beside it and renamed over it (``atomic_path``); a
+folder of several files (a model package) is written as a new folder and swapped in
+(``atomic_folder``). What a SIGKILL leaves of either (temporaries, a folder moved aside) is
+recognised by its name and cleaned by the next writer.
+"""
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import os
 import pickle
+import re
+import shutil
 import tempfile
+import uuid
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -24,11 +35,12 @@ def atomic_path(path: str | Path):
     The temporary name ends in the same suffixes (``.nii.gz``), so writers that pick the format
     from the name (nibabel, matplotlib) write the right one.
 
-    On any error the temporary file is removed and ``path`` keeps its old content (or stays absent).
+    On any error the temporary file is removed and ``path`` keeps its old content (or stays absent);
+    a full disk is reported as such (one line naming ``path``), whoever wrote the bytes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_MARK + "".join(path.suffixes), dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; outputs get the usual mode
     try:
@@ -36,9 +48,102 @@ def atomic_path(path: str | Path):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if _is_disk_full(exc):
+            raise VocoInputError(f"disk full: could not write it ({_free_text(path.parent)})", path) from None
         raise
+
+
+# atomic_path's temporaries: ".<name>.<8 characters of mkstemp>.tmp<suffixes of name>"
+_TEMP_MARK = ".tmp"
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)*")
+# torch.save's C++ writer reports a failed write without its errno ("file write failed",
+# or "unexpected pos" when the zip writer notices the short write itself)
+_TORCH_WRITE_FAILED = ("file write failed", "PytorchStreamWriter failed", "unexpected pos")
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _TORCH_WRITE_FAILED)
+
+
+def _free_text(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e6:.0f} MB free there"
+    except OSError:
+        return "free space unknown"
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove what a killed writer left in ``folder``: ``atomic_path`` temporaries and the new
+    folders of ``atomic_folder`` that were never swapped in. Call it only while no other process
+    writes there (a run holding its lock). Returns the removed paths."""
+    removed = []
+    for entry in Path(folder).iterdir():
+        if entry.is_file() and _TEMPORARY.fullmatch(entry.name):
+            entry.unlink(missing_ok=True)
+        elif entry.is_dir() and _STAGING.fullmatch(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            continue
+        removed.append(entry)
+    return removed
+
+
+# atomic_folder's names beside ``<name>``: the new folder being written, and the old one moved aside
+_STAGING = re.compile(r"\..+\.new-[0-9a-f]{32}")
+
+
+def _aside(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*"), key=lambda p: p.stat().st_mtime)
+
+
+@contextmanager
+def atomic_folder(path: str | Path):
+    """Yield a new empty folder beside ``path``; on success it takes the place of ``path``.
+
+    A folder cannot be renamed onto a non-empty one, so the old folder is first renamed aside,
+    then the new one in. A kill between the two renames leaves no folder at ``path`` and the
+    complete old one aside: ``complete_folder`` reads that one, and the next ``atomic_folder``
+    puts it back before writing. A kill while the new folder is written leaves ``path`` as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _recover_folder(path)
+    staging = path.with_name(f".{path.name}.new-{uuid.uuid4().hex}")
+    staging.mkdir()
+    try:
+        yield staging
+        if path.exists():
+            aside = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+            os.replace(path, aside)
+            os.replace(staging, path)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def complete_folder(path: str | Path) -> Path:
+    """``path``, or the complete old folder an interrupted ``atomic_folder`` swap left aside."""
+    path = Path(path)
+    if path.exists():
+        return path
+    aside = _aside(path)
+    return aside[-1] if aside else path
+
+
+def _recover_folder(path: Path) -> None:
+    aside = _aside(path)
+    if aside and not path.exists():
+        os.replace(aside.pop(), path)
+    for old in aside:
+        shutil.rmtree(old, ignore_errors=True)
+    for staging in path.parent.glob(f".{glob.escape(path.name)}.new-*"):
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _umask() -> int:
@@ -48,9 +153,18 @@ def _umask() -> int:
 
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
+        torch.save(state, stream)  # through a Python file, a full disk raises OSError(ENOSPC), not torch's text
     return Path(path)
+
+
+def require_finite(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse to save weights with NaN or infinite values: they would replace good ones."""
+    bad = [name for name, value in tensors.items()
+           if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise VocoInputError(f"not saved: {len(bad)} of {len(tensors)} weight tensors are not finite "
+                             f"(e.g. {bad[0]}); the previous file is kept", path)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -3,6 +3,10 @@
 Stages: read -> ROI -> preprocess as the model card says -> sliding-window scores (half
 precision) -> resample the scores back to the input grid in slabs -> write label map and sidecar
 together. Nothing is written until the end, and a cancelled run leaves no file behind.
+
+The outputs never replace what they should not: the input itself (``voco segment IN IN``), or,
+through the sidecar's name (``dataset.nii.gz`` -> ``dataset.json``), a file the engine did not
+write. A sidecar the engine wrote is recognised by its ``"format": "voco-segmentation"``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from .sliding_window import SlidingWindowPredictor
 
 DEFAULT_OVERLAP = 0.5
 FAST_SPACING_FACTOR = 2.0
+SIDECAR_FORMAT = "voco-segmentation"
 
 
 @dataclass
@@ -74,7 +79,7 @@ def segment(image_path: str | Path, output: str | Path, package: ModelPackage, o
             reporter) -> dict:
     """Segment ``image_path`` into ``output``; returns the sidecar's content."""
     options.validate()
-    output = check_label_output(output)
+    output = check_outputs(image_path, output)
     started = time.perf_counter()
     device = choose_device(options.device)
     source = read_volume(image_path)
@@ -111,7 +116,7 @@ def segment(image_path: str | Path, output: str | Path, package: ModelPackage, o
         labels = full
 
     sidecar = {
-        "format": "voco-segmentation", "image": str(image_path), "label_map": output.name,
+        "format": SIDECAR_FORMAT, "image": str(image_path), "label_map": output.name,
         "model": {"name": card.name, "version": card.version, "weights_sha256": card.weights_sha256},
         "labels": [_label_record(label, labels, source_affine) for label in card.labels],
         "device": str(predictor.device), "spacing_mm": list(spacing), "modality": modality, "fast": options.fast,
@@ -125,13 +130,48 @@ def segment(image_path: str | Path, output: str | Path, package: ModelPackage, o
     return sidecar
 
 
+def check_outputs(image_path, output) -> Path:
+    """The label map's path, after refusing outputs that would replace the input or a file that
+    is not an earlier sidecar of this engine."""
+    output = check_label_output(output)
+    sidecar = sidecar_path(output)
+    for written in (output, sidecar):
+        if _same_file(written, image_path):
+            raise VocoInputError(f"{'output' if written == output else 'its sidecar ' + sidecar.name} "
+                                 "would replace the input image; give another output name", output)
+    if sidecar.exists() and not _engine_sidecar(sidecar):
+        raise VocoInputError(f"its sidecar {sidecar} exists and was not written by voco segment; "
+                             "give another output name", output)
+    return output
+
+
+def _same_file(a: Path, b) -> bool:
+    """Same path after resolving links, or the same file under another name (a hard link)."""
+    b = Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
+def _engine_sidecar(path: Path) -> bool:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and values.get("format") == SIDECAR_FORMAT
+
+
 def write_outputs(labels: np.ndarray, affine: np.ndarray, source, output: Path, sidecar: dict) -> None:
     """Both files or neither: each is written to a temporary name (a signal meanwhile removes
     them), then both are renamed with SIGTERM/SIGINT held back."""
     with signals_held_at_exit() as hold:
         with ExitStack() as stack:
-            label_tmp = stack.enter_context(atomic_path(output))
             json_tmp = stack.enter_context(atomic_path(sidecar_path(output)))
+            # innermost, so that an error (a full disk) is reported for the large file, the label map
+            label_tmp = stack.enter_context(atomic_path(output))
             write_label_map(labels, affine, source, label_tmp)
             json_tmp.write_text(json.dumps(sidecar, indent=1))
             hold()  # the renames run as the ExitStack closes
@@ -203,7 +243,7 @@ def segment_from_args(args, reporter) -> int:
                              batch_size=args.batch_size,
                              overlap=DEFAULT_OVERLAP if args.overlap is None else args.overlap,
                              precision=args.precision)
-    check_label_output(args.output)
+    check_outputs(args.image, args.output)
     with cancel_on_signals():
         try:
             package = resolve_package(args.model, reporter)

@@ -5,6 +5,9 @@ and was closed, or the PythonSlicer launcher that dies at once on SIGTERM while 
 writes its checkpoint. The operating system drops it when the process ends, however it ends
 (SIGKILL too), so a stale lock cannot exist. The file holds the holder's PID and host, for the
 message a second run gets. Front ends test the lock the same way (VoCoCommonLib.runs).
+
+Holding the lock, a run is the folder's only writer: it removes the temporaries a killed run
+left there (``remove_stale_temporaries``), which no one else could tell from files being written.
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ def run_lock(run_dir, rank: int = 0):
         handle.truncate()
         handle.write(b" " * _HOLDER_OFFSET + f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         handle.flush()
+        from ..checkpoints.files import remove_stale_temporaries  # here: this module stays free of torch
+
+        remove_stale_temporaries(run_dir)
         yield
     except BaseException:
         handle.close()

@@ -12,19 +12,23 @@ A published segmentation checkpoint (VoComni_B.pt) is installed as it was publis
 names it as ``weights_file`` and its weights are read through the published-layout loader
 (``voco.checkpoints.layouts``), so the file keeps the sha256 its publisher gives.
 
-Everything needed to run the model is in the card; nothing is guessed at inference time.
+Everything needed to run the model is in the card; nothing is guessed at inference time. The
+card's values are checked when it is read (a patch size of 4096 would allocate hundreds of GB),
+and a package is written as a new folder that replaces the old one in a rename, so a kill never
+leaves new weights beside an old card.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..checkpoints.files import atomic_path, load_checkpoint, save_checkpoint, sha256_of
+from ..checkpoints.files import atomic_folder, atomic_path, complete_folder, load_checkpoint, save_checkpoint, sha256_of
 from ..errors import VocoInputError
 from ..models.backbones import BACKBONES
 
@@ -32,6 +36,13 @@ CARD_NAME = "model.json"
 WEIGHTS_NAME = "weights.pt"
 FORMAT = "voco-model"
 _PLAIN_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+MODALITIES = ("ct", "ct-chest", "mri")
+# What a card may ask for: beyond these a card is damaged or hostile, not a model.
+MAX_PATCH_EDGE = 512  # voxels; 96 and 128 are usual
+SPACING_RANGE = (0.05, 20.0)  # mm
+MAX_IN_CHANNELS = 16
+MAX_LABEL_VALUE = 65535  # label maps are written as uint8 or uint16
+MAX_LABELS = 255
 
 # Colours for labels that come without one (Slicer's GenericAnatomyColors feel: distinct, not garish).
 PALETTE = ("#80ae80", "#f1d691", "#b17a65", "#6fb8d2", "#d8654f", "#dd8244", "#90ee90", "#c0685c",
@@ -56,6 +67,31 @@ class Preprocessing:
     patch_size: tuple[int, int, int]  # sliding-window edge, voxels
     # Spacing for --fast (coarser, for CPU users); None: twice `spacing`.
     fast_spacing: tuple[float, float, float] | None = None
+
+    def validate(self, source=None) -> None:
+        if self.modality not in MODALITIES:
+            raise VocoInputError(f"model card modality must be one of {', '.join(MODALITIES)}, got {self.modality!r}",
+                                 source)
+        patch = self.patch_size
+        if len(patch) != 3 or not all(_is_int(n) and 32 <= n <= MAX_PATCH_EDGE and n % 32 == 0 for n in patch):
+            raise VocoInputError(f"model card patch_size must be three multiples of 32 up to {MAX_PATCH_EDGE}, "
+                                 f"got {list(patch)}", source)
+        low, high = SPACING_RANGE
+        for key in ("spacing", "fast_spacing"):
+            spacing = getattr(self, key)
+            if spacing is None and key == "fast_spacing":
+                continue
+            if len(spacing) != 3 or not all(_is_number(v) and low <= v <= high for v in spacing):
+                raise VocoInputError(f"model card {key} must be three sizes of {low:g} to {high:g} mm, "
+                                     f"got {list(spacing)}", source)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -104,9 +140,14 @@ class ModelCard:
             raise VocoInputError(f"model card names unknown architecture {self.architecture!r}", source)
         if not _PLAIN_FILE.fullmatch(str(self.weights_file)):
             raise VocoInputError(f"model card weights_file {self.weights_file!r} is not a plain file name", source)
+        if not _is_int(self.in_channels) or not 1 <= self.in_channels <= MAX_IN_CHANNELS:
+            raise VocoInputError(f"model card in_channels must be 1..{MAX_IN_CHANNELS}, got {self.in_channels!r}", source)
         values = [label.value for label in self.labels]
-        if not values or min(values) < 1 or len(set(values)) != len(values):
+        if not values or not all(_is_int(v) for v in values) or min(values) < 1 or len(set(values)) != len(values):
             raise VocoInputError("model card labels must be distinct values >= 1 (0 is background)", source)
+        if max(values) > MAX_LABEL_VALUE or len(values) > MAX_LABELS:
+            raise VocoInputError(f"model card labels must be at most {MAX_LABELS} values up to {MAX_LABEL_VALUE}", source)
+        self.preprocessing.validate(source)
 
 
 def default_labels(values, names: dict[int, str] | None = None) -> list[Label]:
@@ -154,18 +195,23 @@ def published_state_dict(path: Path, card: ModelCard) -> dict[str, torch.Tensor]
 
 
 def write_package(folder: str | Path, card: ModelCard, state_dict: dict[str, torch.Tensor]) -> ModelPackage:
-    """Write weights, then the card that names their checksum: a package with a card is complete."""
+    """Write weights and the card that names their checksum into a new folder that then replaces
+    ``folder`` (see ``atomic_folder``): at every moment ``folder`` is the old or the new package."""
     folder = Path(folder)
-    weights = save_checkpoint({"format": FORMAT, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}},
-                              folder / WEIGHTS_NAME)
-    card.weights_sha256 = sha256_of(weights)
-    with atomic_path(folder / CARD_NAME) as tmp:
-        tmp.write_text(json.dumps(card.to_dict(), indent=1))
+    card.validate(folder)
+    with atomic_folder(folder) as new:
+        weights = save_checkpoint({"format": FORMAT, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}},
+                                  new / WEIGHTS_NAME)
+        card.weights_sha256 = sha256_of(weights)
+        with atomic_path(new / CARD_NAME) as tmp:  # flushed to disk before the folder is swapped in
+            tmp.write_text(json.dumps(card.to_dict(), indent=1))
     return ModelPackage(folder, card)
 
 
 def read_package(folder: str | Path, verify: bool = False) -> ModelPackage:
-    folder = Path(folder)
+    """The package in ``folder`` (or the old one an interrupted replacement left aside), its card
+    checked; ``verify``: its weights' sha256 too."""
+    folder = complete_folder(folder)
     card_path = folder / CARD_NAME
     if not card_path.is_file():
         raise VocoInputError(f"not a model package (no {CARD_NAME})", folder)

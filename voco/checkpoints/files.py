@@ -27,8 +27,11 @@ def atomic_path(path: str | Path):
     On any error the temporary file is removed and ``path`` keeps its old content (or stays absent).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
+    except OSError as error:  # a read-only folder, a file where a folder should be, a full disk
+        raise VocoInputError(f"cannot be written ({error.strerror})", path) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; outputs get the usual mode
     try:
@@ -39,6 +42,31 @@ def atomic_path(path: str | Path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable_folder(folder: str | Path) -> Path:
+    """``folder`` (existing or still to be made), or an error naming it when no file can be written
+    there: a file where a folder should be, a read-only or foreign folder. Creates nothing, so a
+    command can check its outputs before any work and leave nothing behind when it fails."""
+    folder = Path(folder)
+    existing = folder
+    try:
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise VocoInputError(f"cannot be made: {existing} is a file, not a folder", folder)
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise VocoInputError(f"cannot be written ({error.strerror})", folder) from None
+    return folder
+
+
+def check_output_folder(folder: str | Path) -> Path:
+    """Like ``check_writable_folder``, for an ``--out`` folder that must not be an existing file."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise VocoInputError("is a file; --out needs a folder", folder)
+    return check_writable_folder(folder)
 
 
 def _umask() -> int:

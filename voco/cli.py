@@ -7,8 +7,11 @@ Exit codes: 0 success, 2 bad input (one line on stderr, and an ``error`` event w
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
 import sys
+import warnings
 
 from .errors import VocoInputError
 
@@ -176,8 +179,10 @@ def _pretrain(args, reporter) -> int:
 
 
 def cmd_crops(args, reporter) -> int:
+    from .checkpoints.files import check_output_folder
     from .layout import crop_layout, write_layout
 
+    check_output_folder(args.out)
     layout = crop_layout(args.image, _preset(args, "v2"), args.seed, args.modality or "auto")
     paths = write_layout(layout, args.out)
     reporter.emit("done", **{k: str(v) for k, v in paths.items()})
@@ -185,16 +190,20 @@ def cmd_crops(args, reporter) -> int:
 
 
 def cmd_positions(args, reporter) -> int:
+    from .checkpoints.files import check_output_folder
     from .positions import write_positions
 
+    check_output_folder(args.out)
     paths = write_positions(args.image, args.checkpoint, args.out, args.seed, args.target, args.device)
     reporter.emit("done", **{k: str(v) for k, v in paths.items()})
     return 0
 
 
 def cmd_demo(args, reporter) -> int:
+    from .checkpoints.files import check_output_folder
     from .demo import run_demo
 
+    check_output_folder(args.out)
     return run_demo(args.out, reporter, steps=args.steps, finetune_steps=args.finetune_steps)
 
 
@@ -273,12 +282,36 @@ def main(argv=None) -> int:
     # Decided before parsing, so that a usage error also reaches a JSON-lines reader as an event.
     jsonl = "--progress=jsonl" in argv or any(a == "--progress" and b == "jsonl" for a, b in zip(argv, argv[1:]))
     reporter = make_reporter("jsonl" if jsonl else None, rank=int(os.environ.get("RANK", "0")))
+    _quiet_monai()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args, reporter)
     except VocoInputError as exc:
-        message = " ".join(str(exc).split())
-        if jsonl:
-            reporter.emit("error", message=message)
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return _report_error(str(exc), reporter, jsonl)
+    except OSError as exc:
+        # A safety net: the commands check their paths first (VocoInputError); one they missed
+        # still gets the one line. Other errors are bugs and keep their traceback.
+        if exc.errno not in _PATH_ERRNOS or exc.filename is None:
+            raise
+        return _report_error(f"{exc.filename}: {exc.strerror}", reporter, jsonl)
+
+
+# What an OSError about a path the user gave means: the user's folder, not our code, is at fault.
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC, errno.EROFS,
+                errno.EDQUOT}
+
+
+def _report_error(message: str, reporter, jsonl: bool) -> int:
+    message = " ".join(message.split())
+    if jsonl:
+        reporter.emit("error", message=message)
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _quiet_monai() -> None:
+    """MONAI's LoadImage tries its DICOM reader on every file nibabel cannot read, and that reader
+    announces each time that the optional GPU decoder nvImageCodec is missing: a logged line and a
+    UserWarning before our one ``error:`` line. Only those two are silenced; nothing of ours."""
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec", category=UserWarning)

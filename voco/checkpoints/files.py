@@ -39,8 +39,11 @@ def atomic_path(path: str | Path):
     a full disk is reported as such (one line naming ``path``), whoever wrote the bytes.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_MARK + "".join(path.suffixes), dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_MARK + "".join(path.suffixes), dir=path.parent)
+    except OSError as error:  # a read-only folder, a file where a folder should be, a full disk
+        raise VocoInputError(f"cannot be written ({error.strerror})", path) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; outputs get the usual mode
     try:
@@ -144,6 +147,31 @@ def _recover_folder(path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for staging in path.parent.glob(f".{glob.escape(path.name)}.new-*"):
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_writable_folder(folder: str | Path) -> Path:
+    """``folder`` (existing or still to be made), or an error naming it when no file can be written
+    there: a file where a folder should be, a read-only or foreign folder. Creates nothing, so a
+    command can check its outputs before any work and leave nothing behind when it fails."""
+    folder = Path(folder)
+    existing = folder
+    try:
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise VocoInputError(f"cannot be made: {existing} is a file, not a folder", folder)
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise VocoInputError(f"cannot be written ({error.strerror})", folder) from None
+    return folder
+
+
+def check_output_folder(folder: str | Path) -> Path:
+    """Like ``check_writable_folder``, for an ``--out`` folder that must not be an existing file."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise VocoInputError("is a file; --out needs a folder", folder)
+    return check_writable_folder(folder)
 
 
 def _umask() -> int:

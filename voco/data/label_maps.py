@@ -15,6 +15,7 @@ import nibabel as nib
 import nrrd
 import numpy as np
 
+from ..checkpoints.files import check_writable_folder
 from ..errors import VocoInputError
 from .sources import image_suffix
 
@@ -29,6 +30,7 @@ def check_label_output(path: str | Path) -> Path:
         raise VocoInputError(f"output must end in {', '.join(LABEL_SUFFIXES)}", path)
     if path.is_dir():
         raise VocoInputError("output is a folder; give a file name", path)
+    check_writable_folder(path.parent)
     return path
 
 

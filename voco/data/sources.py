@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 from voco.errors import VocoInputError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LIST_SUFFIXES = (".txt", ".lst", ".csv")
+# The largest label value a dataset may use: that of uint16 label maps (Slicer's, nnU-Net's), which
+# keeps the value -> class table that training builds small (a value of 1e11 asked for 93 GiB).
+MAX_LABEL_VALUE = 65535
 
 # nnU-Net names the channels of a case {case}_0000, {case}_0001, ...; channel 0 stands for the case.
 _FIRST_CHANNEL = "_0000"
@@ -49,7 +53,7 @@ def list_labelled_cases(path: str | Path) -> list[tuple[Path, Path]]:
     match once nnU-Net's ``_0000`` channel tag is stripped.
     """
     path = Path(path)
-    _require_exists(path)
+    _require_readable(path)
     if path.is_dir() and (path / "dataset.json").is_file():
         path = path / "dataset.json"
     if path.is_dir():
@@ -79,19 +83,29 @@ def dataset_label_names(path: str | Path) -> dict[int, str]:
         raise VocoInputError('"labels" must map values to names', path)
     names = {}
     for key, value in labels.items():
-        number, name = (value, key) if nnunet else (key, value)
-        try:
-            number = int(number)
-        except (TypeError, ValueError):
-            raise VocoInputError(f'"labels" entry {key!r}: {number!r} is not a label value '
-                                 "(nnU-Net region labels are not supported)", path) from None
+        written, name = (value, key) if nnunet else (key, value)
+        number = _label_value(written)
+        if number is None:
+            raise VocoInputError(f'"labels" entry {key!r}: {written!r} is not a label value '
+                                 f"(a whole number from 0 to {MAX_LABEL_VALUE}; nnU-Net region labels are not supported)",
+                                 path)
         if number != 0:
             names[number] = str(name)
     return names
 
 
+def _label_value(written) -> int | None:
+    """The label value a dataset.json writes (``"3"`` as an MSD key, ``3`` as an nnU-Net value), or
+    None when it is none: fractional, negative, a list (nnU-Net region), beyond MAX_LABEL_VALUE."""
+    if isinstance(written, str) and written.strip().isdecimal():
+        written = int(written)
+    if not isinstance(written, int) or isinstance(written, bool):
+        return None
+    return written if 0 <= written <= MAX_LABEL_VALUE else None
+
+
 def _images_in_source(path: Path) -> list[Path]:
-    _require_exists(path)
+    _require_readable(path)
     if path.is_dir():
         images = _images_in_folder(path)
     elif image_suffix(path):
@@ -239,9 +253,17 @@ def _resolve_listed(source: Path, reference: str) -> Path:
     return source.parent / Path(reference).expanduser()
 
 
-def _require_exists(path: Path) -> None:
-    if not path.exists():
-        raise VocoInputError("does not exist", path)
+def _require_readable(path: Path) -> None:
+    try:
+        if not path.exists():
+            raise VocoInputError("does not exist", path)
+        if path.is_dir():
+            with os.scandir(path) as entries:
+                next(entries, None)
+        else:
+            open(path, "rb").close()
+    except OSError as error:
+        raise VocoInputError(f"cannot be read ({error.strerror})", path) from None
 
 
 def _stem(path: Path) -> str:

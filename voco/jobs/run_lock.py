@@ -18,6 +18,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..checkpoints.files import check_output_folder
 from ..errors import VocoInputError
 
 LOCK_NAME = ".lock"
@@ -57,7 +58,7 @@ def run_lock(run_dir, rank: int = 0):
     if rank != 0:
         yield
         return
-    run_dir = Path(run_dir)
+    run_dir = check_output_folder(run_dir)  # also a folder that exists but is read-only
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from ..checkpoints.files import atomic_path, load_checkpoint, save_checkpoint
-from ..data.sources import dataset_label_names, list_labelled_cases
+from ..data.sources import MAX_LABEL_VALUE, dataset_label_names, list_labelled_cases
 from ..data.volumes import Preprocessing, preprocess_pair, read_label_map, read_volume
 from ..errors import VocoInputError
 from ..inference.sliding_window import SlidingWindowPredictor
@@ -35,12 +35,14 @@ from ..models.segmentation import build_segmentation_network
 from ..presets import parse_triple
 from ..registry.package import Label, ModelCard, ModelPackage, Preprocessing as CardPreprocessing, default_labels, write_package
 from .distributed import choose_device
+from .saved_config import read_saved_config
 from .schedules import build_optimizer
 
 LAST_NAME, BEST_NAME, METRICS_NAME, PACKAGE_DIR = "last.pt", "best.pt", "metrics.jsonl", "model"
 FORMAT = "voco-finetune"
 DEFAULT_SPACING = (1.5, 1.5, 1.5)  # the published VoCo downstream protocol
 DEFAULT_PATCH = {"swinunetr-tiny": 64}  # others: the published 96
+MAX_CLASSES = 255  # a case's network classes are stored as uint8
 
 
 @dataclass
@@ -156,6 +158,8 @@ class Finetuner:
         labels = list(card.labels) if card else []
         known = {label.value for label in labels}
         labels += default_labels(sorted(values - known), names)
+        if len(labels) > MAX_CLASSES:
+            raise VocoInputError(f"{len(labels)} labels; at most {MAX_CLASSES} are supported", self.config.data)
         return labels
 
     def _load_cases(self, pairs) -> list[Case]:
@@ -350,9 +354,14 @@ def _label_values(path: Path) -> np.ndarray:
     from monai.transforms import LoadImage
 
     try:
-        return np.unique(LoadImage(image_only=True)(str(path)).numpy())
+        values = np.unique(LoadImage(image_only=True)(str(path)).numpy())
     except Exception as error:
         raise VocoInputError(f"cannot be read as a label map: {str(error).splitlines()[0][:160]}", path) from None
+    if not np.isfinite(values).all() or (values < 0).any() or (values != values.round()).any() \
+            or values.max(initial=0) > MAX_LABEL_VALUE:
+        raise VocoInputError(f"is not a label map: values must be non-negative whole numbers up to {MAX_LABEL_VALUE}",
+                             path)
+    return values
 
 
 def _case_name(path: Path) -> str:
@@ -370,7 +379,7 @@ def resumable_config(run_dir, given: dict) -> FinetuneConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise VocoInputError(f"--resume: no run to resume (config.json and {LAST_NAME} are missing)", run_dir)
-    values = json.loads(path.read_text())
+    values = read_saved_config(path, FinetuneConfig, "finetune")
     values["spacing"] = tuple(values["spacing"]) if values.get("spacing") else None
     config = FinetuneConfig(**values)
     for name in ("steps", "val_every", "checkpoint_every", "out"):

@@ -31,6 +31,7 @@ from ..models.backbones import check_input_edge
 from ..models.voco import Student, batch_keep_mask, build_teacher, teacher_source, voco_forward
 from ..presets import Preset, preset_from_dict
 from .distributed import init_distributed, shutdown
+from .saved_config import read_saved_config
 from .schedules import build_optimizer
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -238,7 +239,7 @@ def resumable_config(run_dir, given: dict) -> PretrainConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise VocoInputError(f"--resume: no run to resume (config.json and {CHECKPOINT_NAME} are missing)", run_dir)
-    config = PretrainConfig.from_dict(json.loads(path.read_text()))
+    config = PretrainConfig.from_dict(read_saved_config(path, PretrainConfig, "pretrain"))
     for name in ("data", "out", "backbone", "steps", "batch_size", "checkpoint_every", "lr", "seed", "log_every", "modality"):
         if name in given:
             setattr(config, name, given[name])

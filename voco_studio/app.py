@@ -5,7 +5,10 @@ trame-slicer's ``SlicerApp`` holds the scene and the module logics; its remote-r
 (``SegmentationSession``, ``PretrainSession``): each callback calls one session method, and
 ``poll_once`` (an asyncio task every ``POLL_S``) ticks them and copies what they decided into the
 shared trame state, so every browser tab sees the same jobs. Long work runs in the engine's own
-processes, as in Slicer. Element ids: README_TESTIDS.md.
+processes, as in Slicer. The page can set any state value and call any callback with any
+arguments, so each value is taken only if it is one the server offered (a model, device, run id,
+layout, sample, segment, effect of its own lists; paths and uploads: access.py). Element ids:
+README_TESTIDS.md.
 """
 
 from __future__ import annotations
@@ -367,7 +370,7 @@ class StudioApp(TrameApp):
         if run is not None:
             return Path(run.path)
         selected = self.pretrain.state.selected  # a run just started here is listed once it launched
-        if name and selected and Path(selected).name == name and Path(selected).parent == self.pretrain.runs.workspace:
+        if name and selected and Path(selected) == self.pretrain.runs.workspace / name:
             return Path(selected)
         return None
 
@@ -523,8 +526,8 @@ class StudioApp(TrameApp):
 
     def finetune(self):
         def start():
-            run = self.segmentation.finetune(self._offered_model(), steps=whole_number(self.state.finetune_steps, "steps"),
-                                             device=self._offered_device())
+            run = self.segmentation.finetune(self._offered_model(), device=self._offered_device(),
+                                             steps=whole_number(self.state.finetune_steps, "steps"))
             self.state.status_text = "Fine-tuning"
             self.pretrain.refresh_runs()
             self._publish()

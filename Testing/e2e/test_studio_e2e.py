@@ -316,11 +316,11 @@ def test_crop_layout(page, module_shots):
     module_shots(page, "crop_layout", publish="studio_crop_layout")
 
 
-def test_stop_resume_and_a_second_tab_sees_the_same_jobs(page, chromium_context, module_shots):
+def test_stop_resume_and_a_second_tab_sees_the_same_jobs(page, studio, chromium_context, module_shots):
     """Start a long job in one tab; a second tab sees it run and stops it; the first sees it stopped,
     resumes it and stops it again."""
     other = chromium_context.new_page()
-    other.goto(page.url)
+    other.goto(studio.url)  # the printed URL: the page drops the secret from its address bar
     expect(status(other)).not_to_have_text("Starting", timeout=60_000)
     tid(other, "tab-pretrain").click()
     jobs = page.locator("[data-testid=job-row]")

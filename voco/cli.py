@@ -23,6 +23,20 @@ class _Parser(argparse.ArgumentParser):
         raise VocoInputError(f"{self.prog}: {message}")
 
 
+def _seed(text: str) -> int:
+    """A seed numpy's and torch's generators both take (torch refuses a negative one or one above 2**64)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SEED}, got {text!r}")
+    return seed
+
+
+MAX_SEED = 2**32 - 1
+
+
 def _add_preset_options(p) -> None:
     from .presets import PRESETS
 
@@ -50,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="volumes per process and step (default 2)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 100)")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the preset's)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_seed, default=None)
     p.add_argument("--log-every", type=int, default=None, help="steps between progress events (default 1)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -59,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--out", required=True)
     _add_preset_options(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
 
     p = sub.add_parser("positions", help="predicted vs true target positions of a pretrained model")
     p.add_argument("image")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--target", type=int, default=0, help="target whose heatmap goes into positions.nii.gz")
     p.add_argument("--device", default="cpu")
 
@@ -86,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--val-cases", type=int, default=None, help="cases held out for validation (default: 1 in 5)")
     p.add_argument("--name", help="name of the resulting model (default: the run folder's name)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_seed, default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 

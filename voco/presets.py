@@ -7,6 +7,7 @@ shared/VOCO_METHOD.md. ``demo`` is a scaled-down v2 that trains on two CPU cores
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,6 +46,11 @@ class Preset:
         return self.grid[0] * self.grid[1] * self.grid[2]
 
 
+# Bounds that keep a mistyped option from asking for more memory than any machine has (a 3200-voxel
+# crop edge, 10**9 targets): far above the published settings (patches up to 384, 2 to 4 targets).
+MAX_PATCH_EDGE = 512
+MAX_TARGETS = 64
+
 PRESETS: dict[str, Preset] = {
     "v1": Preset("v1", (4, 4, 1), 96, 64, 2, 2, "resize_foreground", None, "square", "full", False,
                  0.0, 2048, "batch", "voco", "adamw", 1e-4, 5000),
@@ -63,7 +69,7 @@ def parse_triple(text: str, kind=int, what: str = "value") -> tuple:
         values = tuple(kind(p) for p in parts)
     except ValueError:
         values = ()
-    if len(values) != 3 or any(v <= 0 for v in values):
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
         raise VocoInputError(f"{what} must be three positive numbers like 3,3,1, got {text!r}")
     return values
 
@@ -95,6 +101,11 @@ def resolve_preset(name: str, grid: str | None = None, crop_edge: int | None = N
         preset = dataclasses.replace(preset, name=f"{name}-custom" if "grid" in changes or "crop_edge" in changes else name, **changes)
     if preset.num_bases < 2:
         raise VocoInputError(f"the base grid {preset.grid} must have at least 2 crops")
+    if max(preset.patch_shape) > MAX_PATCH_EDGE:
+        raise VocoInputError(f"--grid {','.join(map(str, preset.grid))} of {preset.crop_edge}-voxel crops makes a "
+                             f"{'x'.join(map(str, preset.patch_shape))} patch; at most {MAX_PATCH_EDGE} voxels an axis")
+    if preset.num_targets > MAX_TARGETS:
+        raise VocoInputError(f"--targets must be at most {MAX_TARGETS}, got {preset.num_targets}")
     return preset
 
 

@@ -339,3 +339,38 @@ def test_a_successful_command_prints_no_monai_notice(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert events(result.stdout)[-1]["event"] == "done"
+
+
+# --- options that asked for more memory than any machine has, or that numpy and torch refuse ---------------
+
+OPTION_CASES = {
+    "crops_grid_99": (["crops", "{image}", "--grid", "99,99,99", "--preset", "demo"],
+                      "--grid 99,99,99 of 32-voxel crops makes a 3168x3168x3168 patch; at most 512 voxels an axis"),
+    "crops_crop_edge_3200": (["crops", "{image}", "--crop-edge", "3200"], "makes a 9600x9600x3200 patch"),
+    "crops_targets_10e9": (["crops", "{image}", "--targets", "1000000000", "--preset", "demo"],
+                           "--targets must be at most 64, got 1000000000"),
+    "crops_spacing_nan": (["crops", "{image}", "--spacing", "nan,1,1"],
+                          "--spacing must be three positive numbers like 3,3,1, got 'nan,1,1'"),
+    "crops_seed_negative": (["crops", "{image}", "--seed", "-1"],
+                            "voco crops: argument --seed: must be a whole number from 0 to 4294967295, got '-1'"),
+    "positions_seed_negative": (["positions", "{image}", "--checkpoint", "never-read.pt", "--seed", "-5"],
+                                "argument --seed: must be a whole number from 0 to 4294967295, got '-5'"),
+    "pretrain_seed_2_70": (["pretrain", "--data", "{image}", "--seed", str(2**70), "--preset", "demo",
+                            "--backbone", "swinunetr-tiny", "--steps", "1"], "argument --seed: must be a whole number"),
+    "pretrain_lr_inf": (["pretrain", "--data", "{image}", "--lr", "inf", "--preset", "demo",
+                         "--backbone", "swinunetr-tiny", "--steps", "1"], "--lr must be positive and finite, got inf"),
+    "finetune_lr_inf": (["finetune", "--data", "{dataset}", "--lr", "inf", "--patch-size", "32", "--spacing", "2,2,2",
+                         "--steps", "1", "--device", "cpu"], "--lr must be positive and finite, got inf"),
+    "finetune_patch_size_4096": (["finetune", "--data", "{dataset}", "--patch-size", "4096", "--spacing", "2,2,2",
+                                  "--steps", "1", "--device", "cpu"], "--patch-size must be at most 512, got 4096"),
+}
+
+
+@pytest.mark.parametrize("case", OPTION_CASES)
+def test_out_of_range_options_are_refused_before_any_work(case, tmp_path, capsys):
+    argv, expected = OPTION_CASES[case]
+    paths = {"{image}": str(image(tmp_path / "scan.nii.gz")), "{dataset}": str(labelled_dataset(tmp_path / "data"))}
+    argv = [paths.get(a, a) for a in argv] + ["--out", str(tmp_path / "out")]
+    line = one_error_line(argv, capsys)
+    assert expected in line, line
+    assert not (tmp_path / "out").exists()

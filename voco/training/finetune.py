@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from ..errors import VocoInputError
 from ..inference.sliding_window import SlidingWindowPredictor
 from ..jobs.signals import StopRequest
 from ..models.segmentation import build_segmentation_network
-from ..presets import parse_triple
+from ..presets import MAX_PATCH_EDGE, parse_triple
 from ..registry.package import Label, ModelCard, ModelPackage, Preprocessing as CardPreprocessing, default_labels, write_package
 from .distributed import choose_device
 from .saved_config import read_saved_config
@@ -69,10 +70,12 @@ class FinetuneConfig:
         for name in ("steps", "batch_size", "val_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise VocoInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise VocoInputError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise VocoInputError(f"--lr must be positive and finite, got {self.lr}")
         if self.patch_size is not None and (self.patch_size < 32 or self.patch_size % 32):
             raise VocoInputError(f"--patch-size must be a multiple of 32, got {self.patch_size}")
+        if self.patch_size is not None and self.patch_size > MAX_PATCH_EDGE:
+            raise VocoInputError(f"--patch-size must be at most {MAX_PATCH_EDGE}, got {self.patch_size}")
         if self.val_cases is not None and self.val_cases < 0:
             raise VocoInputError(f"--val-cases must be 0 or more, got {self.val_cases}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import time
 from dataclasses import dataclass
@@ -59,8 +60,8 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise VocoInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr is not None and not self.lr > 0:
-            raise VocoInputError(f"--lr must be positive, got {self.lr}")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise VocoInputError(f"--lr must be positive and finite, got {self.lr}")
         check_input_edge(self.backbone, self.preset.input_edge)
 
     def to_dict(self) -> dict:

@@ -228,24 +228,27 @@ def segment_voxels(page, name) -> int:
         "data-segment-voxels"))
 
 
-def test_correct_add_finetune_compare(page, module_shots):
-    """The clinician loop: paint a correction, add the case, fine-tune v2, segment with v1 and v2."""
-    items = page.locator("[data-testid=segment-item]")
-    name = items.last.get_attribute("data-segment-name")
+def paint_stroke(page, name: str, start_dx: int = -40, steps: int = 20) -> None:
+    """Pick segment ``name``, paint one stroke across the axial view, wait until it has grown."""
     before = segment_voxels(page, name)
-    items.last.click()
+    page.locator(f"[data-testid=segment-item][data-segment-name='{name}']").click()
     tid(page, "editor-paint-button").click()
     idle(page)
     box = tid(page, "view-red").bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(cx - 40, cy)
+    page.mouse.move(cx + start_dx, cy)
     page.mouse.down()
-    for step in range(1, 21):
-        page.mouse.move(cx - 40 + 4 * step, cy + step, steps=2)
+    for step in range(1, steps + 1):
+        page.mouse.move(cx + start_dx + 4 * step, cy + step, steps=2)
     page.mouse.up()
     page.wait_for_function(
         f"() => Number(document.querySelector(\"[data-testid=segment-item][data-segment-name='{name}']\")"
         f".dataset.segmentVoxels) > {before}", timeout=60_000)
+
+
+def test_correct_add_finetune_compare(page, module_shots):
+    """The clinician loop: paint a correction, add the case, fine-tune v2, segment with v1 and v2."""
+    paint_stroke(page, page.locator("[data-testid=segment-item]").last.get_attribute("data-segment-name"))
     module_shots(page, "corrected", publish="studio_correct")
     tid(page, "editor-off-button").click()
 

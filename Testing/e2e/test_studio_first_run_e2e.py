@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from e2e_harness import free_port, start_server
-from test_studio_e2e import JOB_TIMEOUT, START_TIMEOUT, choose, idle, input_of, segment_voxels, status, \
+from test_studio_e2e import JOB_TIMEOUT, START_TIMEOUT, choose, idle, input_of, paint_stroke, status, \
     studio_unavailable, tid
 
 from playwright.sync_api import expect  # noqa: E402  (test_studio_e2e skips without playwright)
@@ -66,21 +66,7 @@ def test_a_new_user_segments_a_ct_with_vocomni_and_fine_tunes_it(first_run, modu
     expect(items.nth(2)).to_have_attribute("data-segment-name", "left kidney")
     module_shots(page, "vocomni_segmentation", publish="studio_vocomni_segmentation")
 
-    name = "liver"
-    before = segment_voxels(page, name)
-    page.locator(f"[data-testid=segment-item][data-segment-name='{name}']").click()
-    tid(page, "editor-paint-button").click()
-    idle(page)
-    box = tid(page, "view-red").bounding_box()
-    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(cx - 30, cy)
-    page.mouse.down()
-    for step in range(1, 16):
-        page.mouse.move(cx - 30 + 4 * step, cy + step, steps=2)
-    page.mouse.up()
-    page.wait_for_function(
-        f"() => Number(document.querySelector(\"[data-testid=segment-item][data-segment-name='{name}']\")"
-        f".dataset.segmentVoxels) > {before}", timeout=60_000)
+    paint_stroke(page, "liver", start_dx=-30, steps=15)
     tid(page, "editor-off-button").click()
     tid(page, "add-to-training-set-button").click()
     expect(tid(page, "training-set-count")).to_contain_text("1 case", timeout=60_000)

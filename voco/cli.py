@@ -1,7 +1,8 @@
 """``voco`` command line: parses arguments and calls one function per subcommand.
 
 Exit codes: 0 success, 2 bad input (one line on stderr, and an ``error`` event with
-``--progress jsonl``), 128 + signal when a job was stopped after saving its checkpoint.
+``--progress jsonl``; this includes training data whose loss is not finite five steps in a row,
+and a full disk), 128 + signal when a job was stopped after saving its checkpoint.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ packages (the clinician loop's next version), and keeps best.pt for the best val
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 
 import nibabel as nib
@@ -17,6 +19,7 @@ import torch
 from conftest import Events, events, run_voco, stop_after_first_step, voco_command
 from voco.cli import main
 from voco.data.brain_tissue import dice_per_label, write_training_dataset
+from voco.errors import VocoInputError
 from voco.figures import read_metrics
 from voco.models.segmentation import build_segmentation_network, is_backbone_key
 from voco.models.voco import Student
@@ -451,3 +454,118 @@ def test_best_is_replaced_only_when_the_mean_dice_improves(synthetic, tmp_path, 
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert last["step"] == 6 and last["best"]["step"] == 5
     assert not torch.equal(last["network"]["out.conv.conv.weight"], best_pt["network"]["out.conv.conv.weight"])
+
+
+# --- 7. non-finite steps, damaged starting models, a busy run folder -----------------------------------------
+
+def strict_json_lines(path) -> list[dict]:
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def infinite_loss_at(monkeypatch, steps):
+    """Make the loss infinite at the given steps (an extreme voxel does that to a real run), and
+    validation a constant (its sliding window is not what these tests are about)."""
+    original = Finetuner.train_step
+
+    def train_step(self):
+        real = getattr(self.loss, "real", self.loss)
+        self.loss = real
+        if self.step + 1 in steps:
+            self.loss = lambda logits, target: real(logits, target) * float("inf")
+            self.loss.real = real
+        return original(self)
+
+    monkeypatch.setattr(Finetuner, "train_step", train_step)
+    monkeypatch.setattr(Finetuner, "validate", lambda self: {"dice": {"lesion": 0.5, "slab": 0.5}, "mean": 0.5})
+
+
+def test_a_step_with_an_infinite_loss_is_skipped_with_a_warning_and_the_run_goes_on(synthetic, tmp_path, monkeypatch):
+    infinite_loss_at(monkeypatch, {2})
+    seen = Events()
+    weights_after = {}
+    original = Finetuner.train_step
+
+    def recording(self):
+        values = original(self)
+        weights_after[self.step + 1] = self.network.state_dict()["out.conv.conv.weight"].clone()
+        return values
+
+    monkeypatch.setattr(Finetuner, "train_step", recording)
+    assert finetune(small_config(synthetic, tmp_path / "run", steps=3, val_every=100), seen, device="cpu") == 0
+    assert [w["step"] for w in seen.of("warning") if "not finite" in w["message"]] == [2]
+    assert torch.equal(weights_after[1], weights_after[2]) and not torch.equal(weights_after[2], weights_after[3])
+    records = strict_json_lines(tmp_path / "run" / "metrics.jsonl")
+    assert [r["loss"] is None for r in records] == [False, True, False]
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in last["network"].values() if v.is_floating_point())
+
+
+def test_five_non_finite_steps_in_a_row_stop_with_one_line_and_keep_the_last_checkpoint(synthetic, tmp_path,
+                                                                                      monkeypatch, capsys):
+    out = tmp_path / "run"
+    infinite_loss_at(monkeypatch, set(range(1, 20)))
+    capsys.readouterr()
+    assert main(["finetune", "--data", str(synthetic), "--out", str(out), "--backbone", "swinunetr-tiny",
+                 "--patch-size", "32", "--spacing", "2,2,2", "--steps", "10", "--checkpoint-every", "1",
+                 "--device", "cpu", "--progress", "jsonl"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out}: training stopped at step 5: the loss or its "
+                                                   "gradients were not finite in 5 steps in a row"), captured.err
+    assert len([e for e in events(captured.out) if e["event"] == "warning"]) == 5
+    last = torch.load(out / "last.pt", weights_only=True)  # written at steps 1..4, with the initial weights
+    assert last["step"] == 4
+    assert all(torch.isfinite(v).all() for v in last["network"].values() if v.is_floating_point())
+    assert [r["loss"] for r in strict_json_lines(out / "metrics.jsonl")] == [None] * 4
+
+
+def test_non_finite_weights_are_never_saved(synthetic, tmp_path):
+    tuner = Finetuner(small_config(synthetic, tmp_path / "run", steps=1), Events(), device="cpu")
+    tuner.save_last()
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    with torch.no_grad():
+        next(tuner.network.parameters()).fill_(float("nan"))
+    for save in (tuner.save_last, tuner.save_best):
+        with pytest.raises(VocoInputError, match="tensors are not finite"):
+            save()
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    assert sorted(os.listdir(tmp_path / "run")) == ["last.pt"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("weights", "weights.pt: sha256 does not match the model card"),
+    ("card", "model.json: model card patch_size must be three multiples of 32 up to 512, got [4096, 4096, 4096]"),
+])
+def test_init_from_a_damaged_package_is_one_error_line(damage, message, synthetic, tmp_path, capsys):
+    package, _ = clinic_package(tmp_path / "clinic")
+    if damage == "weights":
+        weights = package.folder / "weights.pt"
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # one altered byte of tensor data: the file still loads
+        weights.write_bytes(bytes(data))
+    else:
+        card = json.loads((package.folder / "model.json").read_text())
+        card["preprocessing"]["patch_size"] = [4096] * 3
+        (package.folder / "model.json").write_text(json.dumps(card))
+    code = main(["finetune", "--data", str(synthetic), "--out", str(tmp_path / "run"), "--init", str(package.folder),
+                 "--steps", "1", "--device", "cpu", "--progress", "jsonl"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_second_run_on_a_run_folder_in_use_is_refused_naming_the_holder(synthetic, tmp_path, capsys):
+    """The lock is the operating system's: another open of ``.lock`` cannot take it, even in this process."""
+    from voco.jobs.run_lock import run_lock
+
+    out = tmp_path / "busy"
+    with run_lock(out):
+        code = main(["finetune", "--data", str(synthetic), "--out", str(out), "--steps", "2", "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert lines[0] == f"error: {out}: the run folder is in use by another training process " \
+                       f"(pid {os.getpid()} on {socket.gethostname()})"
+    assert os.listdir(out) == [".lock"]

@@ -158,6 +158,52 @@ def test_a_second_run_on_a_run_folder_in_use_is_refused_naming_the_holder(data, 
     assert str(out) in lines[0]
 
 
+def test_non_finite_steps_are_skipped_and_five_in_a_row_stop_the_run_keeping_finite_checkpoints(data, tmp_path,
+                                                                                               monkeypatch, capsys):
+    """Steps 2..6 get an infinite loss (what one 3e38 voxel does): skipped with warnings, the
+    checkpoints at steps 2 and 4 hold step 1's weights, and step 6 ends the run with one line."""
+    import json
+
+    from voco.cli import main
+    from voco.training import pretrain as pretrain_module
+
+    real_forward, calls = pretrain_module.voco_forward, [0]
+
+    def forward(*args, **kwargs):
+        calls[0] += 1
+        output, terms = real_forward(*args, **kwargs)
+        if calls[0] >= 2:
+            terms = {**terms, "loss": terms["loss"] * float("inf")}
+        return output, terms
+
+    monkeypatch.setattr(pretrain_module, "voco_forward", forward)
+    saved = []
+    real_save = pretrain_module.save_checkpoint
+    monkeypatch.setattr(pretrain_module, "save_checkpoint",
+                        lambda state, path: saved.append({k: v.clone() for k, v in state["student"].items()})
+                        or real_save(state, path))
+    out = tmp_path / "run"
+    capsys.readouterr()
+    code = main([str(a) for a in pretrain_args(data, out)[:-2]] + ["--steps", "10", "--device", "cpu",
+                                                                  "--progress", "jsonl"])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, captured.err
+    assert lines[0].startswith(f"error: {out}: training stopped at step 6: the loss or its gradients were not finite "
+                               "in 5 steps in a row")
+    stream = events(captured.out)
+    assert [e["step"] for e in stream if e["event"] == "warning" and "not finite" in e["message"]] == [2, 3, 4, 5, 6]
+    assert [e["step"] for e in stream if e["event"] == "checkpoint"] == [2, 4]
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])  # nothing learnt from steps 3 and 4
+    assert all(torch.isfinite(v).all() for v in saved[1].values() if v.is_floating_point())
+
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    records = [json.loads(line, parse_constant=refuse) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] is None for r in records] == [False, True, True, True, True]
+
+
 def test_resume_can_extend_a_finished_run(uninterrupted, data, tmp_path):
     reference, _ = uninterrupted
     out = tmp_path / "extended"

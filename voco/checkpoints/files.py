@@ -119,15 +119,21 @@ def atomic_folder(path: str | Path):
     staging.mkdir()
     try:
         yield staging
-        if path.exists():
-            aside = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
-            os.replace(path, aside)
-            os.replace(staging, path)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(staging, path)
+        replace_folder(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; an old ``target`` is renamed aside first (a folder cannot be
+    renamed onto a non-empty one) and removed after."""
+    if target.exists():
+        aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
+        os.replace(target, aside)
+        os.replace(new, target)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(new, target)
 
 
 def complete_folder(path: str | Path) -> Path:

@@ -18,8 +18,8 @@ import time
 from .signals import request_stop
 
 
-def _clean(value):
-    """JSON has no NaN/inf; send them as null so every line stays parseable."""
+def finite_or_none(value):
+    """JSON has no NaN/inf; send them as null so every line stays parseable (events, metrics.jsonl)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -34,7 +34,7 @@ class JsonLinesReporter:
 
     def emit(self, event: str, **fields) -> None:
         record = {"event": event, "time": round(time.time(), 3)}
-        record.update({k: _clean(v) for k, v in fields.items()})
+        record.update({k: finite_or_none(v) for k, v in fields.items()})
         try:
             self.stream.write(json.dumps(record) + "\n")
             self.stream.flush()

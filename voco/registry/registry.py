@@ -40,7 +40,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-from ..checkpoints.files import sha256_of
+from ..checkpoints.files import replace_folder, sha256_of
 from ..errors import VocoInputError
 from ..models.backbones import BACKBONES
 from .download import fetch
@@ -367,16 +367,10 @@ def _write_checkpoint_card(record: dict, folder: Path, shown_as) -> dict:
 
 
 def _replace_folder(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an older copy there (damaged, or other bytes) is moved aside
-    first, since a folder cannot be renamed onto a non-empty one."""
+    """Rename ``new`` to ``target``, replacing an older copy there (damaged, or other bytes); a
+    kill in between leaves the old copy aside, where ``read_package`` still finds it."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        old = target.with_name(f".old-{target.name}-{uuid.uuid4().hex}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
+    replace_folder(new, target)
 
 
 @contextmanager

@@ -11,6 +11,11 @@ fine-tunes the current model on a few corrected cases and gets the next version.
 
 Like pretraining, every random draw is a function of ``(seed, step, sample)``, so a resumed run
 continues exactly where the checkpoint was taken.
+
+A step with a non-finite loss or gradient changes nothing and is counted (``finite_steps``);
+weights that are not finite are never saved, and ``metrics.jsonl`` stays strict JSON. The model
+package is replaced whole (``write_package``), after ``best.pt``: a kill between the two leaves
+``last.pt`` from before that step, so a resumed run passes it again and rewrites both.
 """
 
 from __future__ import annotations
@@ -26,16 +31,18 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
-from ..checkpoints.files import atomic_path, load_checkpoint, save_checkpoint
+from ..checkpoints.files import atomic_path, load_checkpoint, require_finite, save_checkpoint
 from ..data.sources import MAX_LABEL_VALUE, dataset_label_names, list_labelled_cases
 from ..data.volumes import Preprocessing, preprocess_pair, read_label_map, read_volume
 from ..errors import VocoInputError
 from ..inference.sliding_window import SlidingWindowPredictor
+from ..jobs.progress import finite_or_none
 from ..jobs.signals import StopRequest
 from ..models.segmentation import build_segmentation_network
 from ..presets import MAX_PATCH_EDGE, parse_triple
 from ..registry.package import Label, ModelCard, ModelPackage, Preprocessing as CardPreprocessing, default_labels, write_package
 from .distributed import choose_device
+from .finite_steps import NonFiniteSteps
 from .saved_config import read_saved_config
 from .schedules import build_optimizer
 
@@ -129,6 +136,7 @@ class Finetuner:
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.step, self.best = 0, {"mean": -1.0, "step": 0, "dice": {}}
+        self.non_finite = NonFiniteSteps(reporter, self.run_dir)
         self.parent = ({"name": card.name, "version": card.version} if card else None)
         if state is not None:
             self._load_state(state)
@@ -142,7 +150,7 @@ class Finetuner:
         from ..registry.registry import resolve_weights
 
         path = resolve_weights(self.config.init, self.reporter)
-        package = read_package(path) if Path(path).is_dir() else None
+        package = read_package(path, verify=True) if Path(path).is_dir() else None  # as segment checks it
         return package, read_weights(path)
 
     def _labels(self, pairs, card: ModelCard | None, state) -> list[Label]:
@@ -230,14 +238,21 @@ class Finetuner:
         images, targets = self.sample_batch(self.step)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             loss = self.loss(self.network(images), targets.long())
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12.0)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        grad_norm = float("nan")
+        finite = bool(torch.isfinite(loss.detach()))
+        if finite:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12.0))
+            # Under AMP the scaler itself skips a step with overflowing gradients and lowers its scale.
+            finite = self.use_amp or np.isfinite(grad_norm)
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return {"loss": loss.item(), "grad_norm": float(grad_norm)}
+        self.non_finite.count(self.step + 1, finite)
+        return {"loss": loss.item(), "grad_norm": grad_norm}
 
     def validate(self) -> dict:
         """Dice per label over the validation cases (a label absent from both prediction and
@@ -284,7 +299,7 @@ class Finetuner:
                     if result["mean"] > self.best["mean"]:
                         self.best = {"mean": result["mean"], "step": self.step, "dice": result["dice"]}
                         self.save_best()
-                metrics.write(json.dumps(record) + "\n")
+                metrics.write(json.dumps({k: finite_or_none(v) for k, v in record.items()}) + "\n")
                 metrics.flush()
                 if stop.signal or self.step % config.checkpoint_every == 0 or self.step == config.steps:
                     self.save_last()
@@ -305,12 +320,14 @@ class Finetuner:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
         }
+        require_finite(state["network"], self.run_dir / LAST_NAME)
         save_checkpoint(state, self.run_dir / LAST_NAME)
         self.reporter.emit("checkpoint", step=self.step, path=str(self.run_dir / LAST_NAME))
 
     def save_best(self) -> ModelPackage:
         """``best.pt`` (weights + the Dice that earned them) and the model package built from it."""
         weights = {k: v.detach().cpu() for k, v in self.network.state_dict().items()}
+        require_finite(weights, self.run_dir / BEST_NAME)
         save_checkpoint({"format": FORMAT + "-best", "step": self.step, "architecture": self.architecture,
                          "best": self.best, "network": weights}, self.run_dir / BEST_NAME)
         return write_package(self.run_dir / PACKAGE_DIR, self.card(), weights)

@@ -6,6 +6,9 @@ skipped with a warning) -> train (crops drawn per step, see ``voco.data.crops``)
 Exact resume: the data position and every random draw are functions of ``(seed, step)``, so a
 checkpoint needs only the step, the weights, the teacher, the optimiser, the schedule, the grad
 scaler and torch's RNG state; a resumed run reaches the same weights bit for bit on the CPU.
+
+A step with a non-finite loss or gradient changes nothing and is counted (``finite_steps``);
+weights that are not finite are never saved, and ``metrics.jsonl`` stays strict JSON.
 """
 
 from __future__ import annotations
@@ -22,16 +25,18 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoints.files import atomic_path, load_checkpoint, save_checkpoint
+from ..checkpoints.files import atomic_path, load_checkpoint, require_finite, save_checkpoint
 from ..data.crops import sample_batch
 from ..data.sources import list_images
 from ..data.volumes import Preprocessing, load_volumes
 from ..errors import VocoInputError
+from ..jobs.progress import finite_or_none
 from ..jobs.signals import StopRequest
 from ..models.backbones import check_input_edge
 from ..models.voco import Student, batch_keep_mask, build_teacher, teacher_source, voco_forward
 from ..presets import Preset, preset_from_dict
 from .distributed import init_distributed, shutdown
+from .finite_steps import NonFiniteSteps
 from .saved_config import read_saved_config
 from .schedules import build_optimizer
 
@@ -119,6 +124,7 @@ class Pretrainer:
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.step = 0
+        self.non_finite = NonFiniteSteps(reporter, self.run_dir)
         if state is not None:
             self._load_state(state)
         self.model = (DistributedDataParallel(self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -168,6 +174,7 @@ class Pretrainer:
 
     def save(self) -> Path:
         if self.dist.rank == 0:
+            require_finite(self.student.state_dict(), self.checkpoint_path)
             save_checkpoint(self.state_dict(), self.checkpoint_path)
             self.reporter.emit("checkpoint", step=self.step, path=str(self.checkpoint_path))
         return self.checkpoint_path
@@ -186,15 +193,23 @@ class Pretrainer:
         keep = batch_keep_mask(batch.generators, self.student, preset, self.device)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             _, terms = voco_forward(self.model, self.teacher, preset, batch.crops, batch.labels, keep)
-        self.scaler.scale(terms["loss"]).backward()
-        self.scaler.unscale_(self.optimizer)  # so that clipping sees true gradients under AMP
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), config.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        grad_norm = torch.tensor(float("nan"), device=self.device)
+        # Decided together: a rank that skipped its backward pass would leave the others waiting.
+        finite = not self.dist.any(not bool(torch.isfinite(terms["loss"].detach())))
+        if finite:
+            self.scaler.scale(terms["loss"]).backward()
+            self.scaler.unscale_(self.optimizer)  # so that clipping sees true gradients under AMP
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), config.grad_clip)
+            # Under AMP the scaler itself skips a step with overflowing gradients and lowers its scale.
+            finite = self.use_amp or bool(torch.isfinite(grad_norm))
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            if self.teacher is not None:
+                self.teacher.update(teacher_source(self.student, preset))
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if self.teacher is not None:
-            self.teacher.update(teacher_source(self.student, preset))
+        self.non_finite.count(self.step + 1, finite)
         names = sorted(terms)
         values = self.dist.all_mean(torch.stack([terms[n].detach().float() for n in names] + [grad_norm.float()]))
         return dict(zip(names + ["grad_norm"], values.tolist()))
@@ -223,7 +238,7 @@ class Pretrainer:
                               "samples_per_s": global_batch / per_step, "eta_s": per_step * (config.steps - self.step)}
                     self.reporter.emit("step", **record)
                     if self.dist.rank == 0:
-                        metrics.write(json.dumps(record) + "\n")
+                        metrics.write(json.dumps({k: finite_or_none(v) for k, v in record.items()}) + "\n")
                         metrics.flush()
                 stopping = self.dist.any(stop.signal is not None)
                 if stopping or self.step % config.checkpoint_every == 0 or self.step == config.steps:

@@ -216,7 +216,7 @@ def download(name: str, reporter, sha256: str | None = None, version: str | None
     if record and expected in (None, record["sha256"]):
         return installed_path(record)
     part = models_dir() / ".partial" / f"{entry['file']}.part"
-    digest = fetch(entry["url"], part, name, reporter, expected)
+    digest = fetch(entry["url"], part, name, reporter, expected, size=entry["size_bytes"])
     record = {**entry, "sha256": digest, "source": entry["url"],
               "sha256_source": "registry" if entry["sha256"] else "--sha256" if sha256 else "X-Linked-Etag"}
     try:

@@ -152,7 +152,8 @@ def test_download_verifies_installs_and_second_call_is_a_cache_hit(server, cache
     assert len(server.state["requests"]) == 1
     rows = registry.list_models()
     assert [(r["name"], r["installed"], r["path"]) for r in rows] == [("tiny-b", True, str(path))]
-    assert "tiny-b" in registry.describe_models(rows)
+    assert rows[0]["verified"] is True and record["verified"] is True
+    assert registry.describe_models(rows).splitlines()[1].split()[-2:] == ["sha256", str(path)]
 
 
 def test_wrong_checksum_installs_nothing_and_deletes_the_partial(server, cache):
@@ -201,12 +202,18 @@ def test_partial_of_another_file_is_not_resumed(server, cache):
     assert [r["range"] for r in server.state["requests"]] == [None]
 
 
-def test_sha256_from_x_linked_etag_of_a_redirect_like_hugging_face(server, cache):
+def test_sha256_from_x_linked_etag_of_a_redirect_like_hugging_face_installs_unverified(server, cache):
+    """The server's own checksum shows the bytes arrived intact, not that they are the published file."""
     server.state["files"]["b.pt"] = BACKBONE
     _register(_entry(server, "tiny-b", "b.pt", route="redirect"))
+    assert [row["verified"] for row in registry.list_models()] == [False]  # what a download would be
     path = registry.download("tiny-b", SilentReporter())
     record = json.loads((path.parent / "entry.json").read_text())
     assert (path.read_bytes(), record["sha256"], record["sha256_source"]) == (BACKBONE, BACKBONE_SHA, "X-Linked-Etag")
+    assert record["verified"] is False and "no published sha256" in record["unverified_reason"]
+    [row] = registry.list_models()
+    assert (row["installed"], row["verified"]) == (True, False)
+    assert registry.describe_models([row]).splitlines()[1].split()[-2:] == ["unverified", str(path)]
 
 
 def test_no_known_checksum_is_refused_and_sha256_option_allows_it(server, cache):
@@ -392,7 +399,8 @@ def test_cli_models_list_download_import_and_unknown_name(server, cache, tmp_pat
     listed = run_voco("models", "list", "--progress", "jsonl", env=env)
     assert listed.returncode == 0, listed.stderr
     [models] = events(listed.stdout)
-    assert models["event"] == "models" and [(m["name"], m["installed"]) for m in models["models"]] == [("tiny-b", False)]
+    assert models["event"] == "models"
+    assert [(m["name"], m["installed"], m["verified"]) for m in models["models"]] == [("tiny-b", False, True)]
     fetched = run_voco("models", "download", "tiny-b", "--progress", "jsonl", env=env)
     assert fetched.returncode == 0, fetched.stderr
     assert events(fetched.stdout)[-1]["path"] == str(cache / "tiny-b" / "1.0" / "b.pt")

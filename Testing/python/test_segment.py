@@ -594,6 +594,24 @@ def bad_case(name, tmp, package, models):
     if name == "registry_backbone":  # found in the registry: refused before anything is downloaded
         return ["segment", good, out, "--model", "voco-b"], \
             "voco-b is a pretrained backbone without a segmentation head"
+    if name == "all_zero_affine":  # ml from geometry the file does not have
+        flat = nib.Nifti1Image(np.random.default_rng(0).normal(100, 20, (40, 40, 24)).astype(np.float32), None)
+        flat.header.set_sform(np.zeros((4, 4)), code=1)
+        flat.header.set_qform(None, code=0)
+        nib.save(flat, tmp / "flat.nii.gz")
+        return ["segment", tmp / "flat.nii.gz", out, "--model", model], \
+            "flat.nii.gz: has no usable geometry: its voxel-to-world matrix is singular"
+    if name == "absurd_spacing":  # 4096 mm voxels resampled to the model's spacing
+        write_nifti(tmp / "vast.nii.gz", np.random.default_rng(0).normal(100, 20, (40, 40, 24)),
+                    np.diag([4096.0, 4096.0, 4096.0, 1.0]))
+        return ["segment", tmp / "vast.nii.gz", out, "--model", model], \
+            "vast.nii.gz: resampling its 4096x4096x4096 mm voxels to"
+    if name == "header_larger_than_file":
+        from test_volumes import header_only_nifti
+
+        header_only_nifti(tmp / "huge.nii.gz")
+        return ["segment", tmp / "huge.nii.gz", out, "--model", model], \
+            "huge.nii.gz: declares 1500x1500x1500 float32 voxels (13500000000 bytes), but a gzip file of"
     if name == "output_is_folder":
         (tmp / "out" / "seg.nii.gz").mkdir(parents=True)
         return ["segment", good, out, "--model", model], "seg.nii.gz: output is a folder"
@@ -603,7 +621,7 @@ def bad_case(name, tmp, package, models):
 BAD = ["two_dimensional", "four_dimensional", "missing_image", "unknown_model", "truncated_weights",
        "truncated_weights_unverified", "card_not_json", "weights_do_not_fit", "png_output", "bad_roi_text",
        "roi_outside", "overlap", "batch_size", "unknown_device", "cuda_without_gpu", "installed_backbone",
-       "registry_backbone", "output_is_folder"]
+       "registry_backbone", "output_is_folder", "all_zero_affine", "absurd_spacing", "header_larger_than_file"]
 
 
 @pytest.mark.parametrize("case", BAD)

@@ -397,6 +397,25 @@ def test_roi_in_voxels_labels_only_the_box_on_a_full_size_map(toy_network, toy_p
     assert (np.asarray(nib.load(str(tmp_path / "all.nii.gz")).dataobj) == 3).all()
 
 
+def test_a_nifti_without_qform_or_sform_segments_with_a_warning_and_no_volumes_in_ml(toy_network, toy_package,
+                                                                                     tmp_path):
+    """Codes 0 are ANALYZE's "no orientation": nibabel makes an affine up from pixdim, so ml would be made up."""
+    toy_network(Constant([0.0, 5.0]))
+    source, _ = axis_aligned(tmp_path)
+    loaded = nib.load(str(source))
+    image = nib.Nifti1Image(np.asarray(loaded.dataobj), None)  # no affine: saving would write it as an sform
+    image.header.set_zooms(loaded.header.get_zooms())
+    image.header.set_qform(None, code=0)
+    image.header.set_sform(None, code=0)
+    nib.save(image, source)
+    seen = Events()
+    sidecar = segment(source, tmp_path / "seg.nii.gz", toy_package, SegmentOptions(device="cpu"), seen)
+    assert sidecar["labels"][0]["voxels"] == 40 * 36 * 24 and sidecar["labels"][0]["volume_ml"] is None
+    warnings = [fields["message"] for event, fields in seen.seen if event == "warning"]
+    assert warnings == [f"{source}: has no orientation or origin (its NIfTI qform_code and sform_code are 0): "
+                        "volumes in ml are not reported"]
+
+
 def test_roi_in_ras_millimetres_is_the_same_box_as_in_voxels(toy_network, toy_package, tmp_path):
     toy_network(Constant([0.0, 5.0]))
     source, affine = axis_aligned(tmp_path)

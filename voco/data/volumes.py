@@ -303,6 +303,19 @@ def _declared_nrrd_data(path: Path):
     return shape, dtype, stored, encoding in ("gzip", "gz")
 
 
+def missing_geometry(path: str | Path) -> str | None:
+    """Why the affine of the file in ``path`` is made up, or None when the file gives one.
+
+    A NIfTI with qform_code and sform_code 0 (ANALYZE's "no orientation") has an affine that
+    nibabel builds from pixdim alone: usable as a grid, but no measure of anything."""
+    if image_suffix(Path(path)) not in (".nii", ".nii.gz"):
+        return None
+    header = nib.load(str(path)).header
+    if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        return "has no orientation or origin (its NIfTI qform_code and sform_code are 0)"
+    return None
+
+
 def _check_nifti_geometry(path: Path) -> None:
     """The header's own affine: MONAI's reader replaces a non-finite one with the identity."""
     try:

@@ -101,7 +101,7 @@ def read_volume(path: str | Path) -> MetaTensor:
         raise VocoInputError("cannot be read as an image: .mha/.mhd files need ITK (pip install itk)", path)
     if suffix in (".nii", ".nii.gz"):
         _check_nifti_geometry(path)
-    _check_declared_size(path, suffix)
+    check_declared_size(path)
     # MONAI picks readers by suffix and has none for detached NRRD headers, which pynrrd reads.
     reader = NrrdReader() if suffix == ".nhdr" else None
     try:
@@ -119,6 +119,7 @@ def read_label_map(path: str | Path, image: MetaTensor) -> MetaTensor:
     path = Path(path)
     if not path.is_file():
         raise VocoInputError("label map does not exist", path)
+    check_declared_size(path)
     try:
         label = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path))
     except Exception as error:
@@ -242,10 +243,11 @@ def _check_nrrd_header(path: Path) -> None:
         raise VocoInputError(f"has {points} channels/time points; expected one 3-D volume", path)
 
 
-def _check_declared_size(path: Path, suffix: str) -> None:
-    """Refuse a header that declares more voxels than its file can hold, or than memory can take,
-    before any of them is allocated."""
-    declared = _declared_data(path, suffix)
+def check_declared_size(path: str | Path) -> None:
+    """Refuse a NIfTI or NRRD header that declares more voxels than its file can hold, or than
+    memory can take, before any of them is allocated (by this engine's readers or a front end's)."""
+    path = Path(path)
+    declared = _declared_data(path, image_suffix(path))
     if declared is None:
         return
     shape, dtype, stored, compressed = declared

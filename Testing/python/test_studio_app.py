@@ -210,3 +210,15 @@ def test_a_non_editable_install_carries_what_voco_studio_imports(tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert all(path.startswith(str(tmp_path / "site")) for path in run.stdout.split())
+
+
+def test_a_header_declaring_more_voxels_than_its_file_holds_is_refused_before_slicer_reads_it(studio, tmp_path):
+    from test_volumes import header_only_nifti
+
+    from voco.errors import VocoInputError
+
+    path = header_only_nifti(tmp_path / "huge.nii.gz")
+    volumes = studio.slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    with pytest.raises(VocoInputError, match="huge.nii.gz: declares 1500x1500x1500 float32 voxels"):
+        studio.load_file(path)
+    assert studio.slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes

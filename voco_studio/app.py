@@ -273,6 +273,9 @@ class StudioApp(TrameApp):
         self.state.status_text = f"Loaded {name}"
 
     def load_file(self, path, name: str | None = None):
+        from voco.data.volumes import check_declared_size  # here: it imports MONAI, which the page never needs
+
+        check_declared_size(path)  # Slicer's readers would allocate whatever the header declares
         nodes = self.slicer_app.io_manager.load_volumes([str(path)])
         if not nodes:
             raise ValueError(f"could not read a volume from {path}")

@@ -336,3 +336,22 @@ def test_scene_volumes_leave_out_label_maps_and_vocos_own_overlays(mrml, engine,
     assert session.data_summary("/data/ct", True, False) == "Data: /data/ct, 1 scene volume(s)"
     with pytest.raises(ValueError, match="no data"):
         session.collect_data(None, False, False)
+
+
+def test_a_model_downloaded_without_a_published_sha256_says_unverified_in_every_list(engine, tmp_path):
+    from VoCoCommonLib.models import entries_from_event
+
+    rows = [{"name": "organs", "version": "1", "kind": "segmentation", "installed": True, "path": "/m/organs",
+             "url": "https://example.org/organs.zip", "verified": False},
+            {"name": "voco-b", "version": "1", "kind": "backbone", "installed": False, "url": "https://x/b.pt",
+             "verified": False},
+            {"name": "spleen", "version": "1", "kind": "segmentation", "installed": True, "path": "/m/spleen",
+             "url": "https://example.org/spleen.zip", "verified": True}]
+    organs, backbone, spleen = entries_from_event({"models": rows})
+    assert organs.title == "organs v1 — unverified: no published sha256"
+    assert spleen.title == "spleen v1" and spleen.verified
+    session = new_session(engine, tmp_path / "workspace")
+    session.state.models = [organs, backbone, spleen]
+    assert [title for _, title in session.finetune_starts()][:2] == [
+        "voco-b v1 — published backbone (will download) — unverified: no published sha256",
+        "organs v1 — unverified: no published sha256"]

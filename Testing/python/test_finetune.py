@@ -208,6 +208,11 @@ def bad_dataset(name, tmp):
     if name == "dataset_json_not_json":
         dataset.write_text('{"training": [{"image": "./imagesTr/case0.nii.gz",')
         return dataset, "dataset.json: invalid JSON"
+    if name == "label_header_larger_than_file":  # 256 MB declared in a gzip file that holds at most ~55 kB
+        from test_volumes import header_only_nifti
+
+        header_only_nifti(label_path, shape=(400, 400, 400))
+        return dataset, "labelsTr/case0.nii.gz: declares 400x400x400 float32 voxels (256000000 bytes), but a gzip file"
     if name == "only_background":
         for index in range(2):
             nib.save(nib.Nifti1Image(np.zeros((36, 36, 36), np.uint8), SPACING),
@@ -217,7 +222,8 @@ def bad_dataset(name, tmp):
 
 
 BAD = ["label_shape", "label_affine", "label_spacing", "label_not_integer", "label_negative",
-       "label_missing_in_folder", "label_missing_in_dataset_json", "dataset_json_not_json", "only_background"]
+       "label_missing_in_folder", "label_missing_in_dataset_json", "dataset_json_not_json", "only_background",
+       "label_header_larger_than_file"]
 
 
 @pytest.mark.parametrize("case", BAD)

@@ -3,10 +3,13 @@ cut connections, ignore Range requests and redirect the way Hugging Face does.""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -57,11 +60,25 @@ class FileServer(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         if state["etag"]:
             self.send_header("X-Linked-Etag", f'"{hashlib.sha256(data).hexdigest()}"')
-        self.send_header("Content-Length", str(len(data) - start))
+        length = state["content_length"] if state["content_length"] is not None else len(data) - start
+        if length != "omit":  # without it the body ends when the connection closes (HTTP/1.0)
+            self.send_header("Content-Length", str(length))
         self.end_headers()
         body = data[start:start + state["cut_after"]] if state["cut_after"] is not None else data[start:]
-        self.wfile.write(body)
+        body += state["extra"]
+        try:
+            self._send(body, state["trickle_s"])
+        except OSError:  # the client gave up
+            pass
         state["requests"].append({"name": name, "range": asked, "served": len(body)})
+
+    def _send(self, body: bytes, trickle_s: float | None):
+        if trickle_s is None:
+            return self.wfile.write(body)
+        for index in range(len(body)):  # one byte at a time, each sent at once
+            self.wfile.write(body[index:index + 1])
+            self.wfile.flush()
+            time.sleep(trickle_s)
 
     def log_message(self, *args):
         pass
@@ -70,7 +87,8 @@ class FileServer(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FileServer)
-    httpd.state = {"files": {}, "requests": [], "cut_after": None, "ignore_range": False, "etag": False}
+    httpd.state = {"files": {}, "requests": [], "cut_after": None, "ignore_range": False, "etag": False,
+                   "content_length": None, "extra": b"", "trickle_s": None}
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -96,9 +114,10 @@ def _package_zip(folder: Path, top="spleen/", extra=()) -> bytes:
     return archive.read_bytes()
 
 
-def _entry(server, name, file, kind="backbone", sha256=None, route="files", architecture="swinunetr-b"):
+def _entry(server, name, file, kind="backbone", sha256=None, route="files", architecture="swinunetr-b",
+           size_bytes=None):
     return {"name": name, "version": "1.0", "kind": kind, "url": f"{server.url}/{route}/{file}", "sha256": sha256,
-            "size_bytes": None, "file": file, "architecture": architecture, "in_channels": 1, "labels": [],
+            "size_bytes": size_bytes, "file": file, "architecture": architecture, "in_channels": 1, "labels": [],
             "description": f"test model {name}"}
 
 
@@ -134,7 +153,8 @@ def test_download_verifies_installs_and_second_call_is_a_cache_hit(server, cache
     assert len(server.state["requests"]) == 1
     rows = registry.list_models()
     assert [(r["name"], r["installed"], r["path"]) for r in rows] == [("tiny-b", True, str(path))]
-    assert "tiny-b" in registry.describe_models(rows)
+    assert rows[0]["verified"] is True and record["verified"] is True
+    assert registry.describe_models(rows).splitlines()[1].split()[-2:] == ["sha256", str(path)]
 
 
 def test_wrong_checksum_installs_nothing_and_deletes_the_partial(server, cache):
@@ -183,12 +203,18 @@ def test_partial_of_another_file_is_not_resumed(server, cache):
     assert [r["range"] for r in server.state["requests"]] == [None]
 
 
-def test_sha256_from_x_linked_etag_of_a_redirect_like_hugging_face(server, cache):
+def test_sha256_from_x_linked_etag_of_a_redirect_like_hugging_face_installs_unverified(server, cache):
+    """The server's own checksum shows the bytes arrived intact, not that they are the published file."""
     server.state["files"]["b.pt"] = BACKBONE
     _register(_entry(server, "tiny-b", "b.pt", route="redirect"))
+    assert [row["verified"] for row in registry.list_models()] == [False]  # what a download would be
     path = registry.download("tiny-b", SilentReporter())
     record = json.loads((path.parent / "entry.json").read_text())
     assert (path.read_bytes(), record["sha256"], record["sha256_source"]) == (BACKBONE, BACKBONE_SHA, "X-Linked-Etag")
+    assert record["verified"] is False and "no published sha256" in record["unverified_reason"]
+    [row] = registry.list_models()
+    assert (row["installed"], row["verified"]) == (True, False)
+    assert registry.describe_models([row]).splitlines()[1].split()[-2:] == ["unverified", str(path)]
 
 
 def test_no_known_checksum_is_refused_and_sha256_option_allows_it(server, cache):
@@ -208,6 +234,74 @@ def test_server_naming_another_sha256_is_refused_before_downloading(server, cach
     with pytest.raises(VocoInputError, match=f"offers a file with sha256 {BACKBONE_SHA}, not the expected 2{{64}}"):
         registry.download("tiny-b", SilentReporter())
     assert not (cache / ".partial" / "b.pt.part").exists()
+
+
+def test_a_server_that_trickles_is_stopped_by_the_overall_deadline(server, cache, monkeypatch):
+    """One byte every 0.05 s never trips the per-read timeout; the deadline for the whole file does."""
+    monkeypatch.setenv("VOCO_DOWNLOAD_DEADLINE_S", "0.5")
+    server.state.update(files={"b.pt": BACKBONE}, trickle_s=0.05)
+    _register(_entry(server, "tiny-b", "b.pt", sha256=BACKBONE_SHA, size_bytes=len(BACKBONE)))
+    started = time.monotonic()
+    with pytest.raises(VocoInputError, match=r"/files/b.pt: download took longer than its 0.5 s deadline "
+                                             r"\(VOCO_DOWNLOAD_DEADLINE_S\) after \d+ of 40960 bytes"):
+        registry.download("tiny-b", SilentReporter())
+    assert time.monotonic() - started < 3
+    assert registry.list_models()[0]["installed"] is False
+
+
+def test_the_deadline_is_set_by_the_expected_size_and_a_minimum_rate(monkeypatch):
+    from voco.registry import download
+
+    monkeypatch.delenv("VOCO_DOWNLOAD_DEADLINE_S", raising=False)
+    assert download.deadline_s(None) == download.DEADLINE_UNKNOWN_SIZE_S
+    assert download.deadline_s(4_650_986_176) == pytest.approx(download.DEADLINE_BASE_S + 4_650_986_176 / 100_000)
+    monkeypatch.setenv("VOCO_DOWNLOAD_DEADLINE_S", "soon")
+    with pytest.raises(VocoInputError, match="VOCO_DOWNLOAD_DEADLINE_S must be a positive number of seconds, not 'soon'"):
+        download.deadline_s(None)
+
+
+def test_a_content_length_other_than_the_registry_size_is_refused_before_any_byte(server, cache):
+    server.state.update(files={"b.pt": BACKBONE}, content_length=len(BACKBONE) * 1000)
+    _register(_entry(server, "tiny-b", "b.pt", sha256=BACKBONE_SHA, size_bytes=len(BACKBONE)))
+    with pytest.raises(VocoInputError, match=r"/files/b.pt: refused: the server announces 40960000 bytes, "
+                                             r"the registry lists 40960"):
+        registry.download("tiny-b", SilentReporter())
+    assert _installed_files(cache) == []
+
+
+def test_a_server_sending_more_than_the_registry_size_is_cut_off_and_nothing_kept(server, cache):
+    server.state.update(files={"b.pt": BACKBONE}, content_length="omit", extra=b"x" * 200_000)
+    _register(_entry(server, "tiny-b", "b.pt", sha256=BACKBONE_SHA, size_bytes=len(BACKBONE)))
+    with pytest.raises(VocoInputError, match=r"/files/b.pt: refused: the server sent more than the 40960 bytes "
+                                             r"the registry lists; the download was deleted"):
+        registry.download("tiny-b", SilentReporter())
+    assert _installed_files(cache) == []
+
+
+def test_a_full_disk_during_a_download_says_so_and_removes_the_partial(server, cache, monkeypatch):
+    from voco.registry import download
+
+    def full_after_20000_bytes(path, mode="r", *args, **kwargs):
+        file = open(path, mode, *args, **kwargs)
+        write = file.write
+
+        def limited(block):
+            if file.tell() + len(block) > 20000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(block)
+
+        file.write = limited
+        return file
+
+    monkeypatch.setattr(download, "open", full_after_20000_bytes, raising=False)
+    server.state["files"]["b.pt"] = BACKBONE
+    _register(_entry(server, "tiny-b", "b.pt", sha256=BACKBONE_SHA))
+    part = cache / ".partial" / "b.pt.part"
+    with pytest.raises(VocoInputError) as raised:
+        registry.download("tiny-b", SilentReporter())
+    assert re.fullmatch(rf"{re.escape(str(part))}: disk full after writing \d+ of 40960 bytes; the partial "
+                        "download was removed", str(raised.value))
+    assert _installed_files(cache) == []
 
 
 def test_zip_package_download_installs_a_readable_package(server, cache, tmp_path):
@@ -306,7 +400,8 @@ def test_cli_models_list_download_import_and_unknown_name(server, cache, tmp_pat
     listed = run_voco("models", "list", "--progress", "jsonl", env=env)
     assert listed.returncode == 0, listed.stderr
     [models] = events(listed.stdout)
-    assert models["event"] == "models" and [(m["name"], m["installed"]) for m in models["models"]] == [("tiny-b", False)]
+    assert models["event"] == "models"
+    assert [(m["name"], m["installed"], m["verified"]) for m in models["models"]] == [("tiny-b", False, True)]
     fetched = run_voco("models", "download", "tiny-b", "--progress", "jsonl", env=env)
     assert fetched.returncode == 0, fetched.stderr
     assert events(fetched.stdout)[-1]["path"] == str(cache / "tiny-b" / "1.0" / "b.pt")

@@ -431,6 +431,25 @@ def test_roi_in_voxels_labels_only_the_box_on_a_full_size_map(toy_network, toy_p
     assert (np.asarray(nib.load(str(tmp_path / "all.nii.gz")).dataobj) == 3).all()
 
 
+def test_a_nifti_without_qform_or_sform_segments_with_a_warning_and_no_volumes_in_ml(toy_network, toy_package,
+                                                                                     tmp_path):
+    """Codes 0 are ANALYZE's "no orientation": nibabel makes an affine up from pixdim, so ml would be made up."""
+    toy_network(Constant([0.0, 5.0]))
+    source, _ = axis_aligned(tmp_path)
+    loaded = nib.load(str(source))
+    image = nib.Nifti1Image(np.asarray(loaded.dataobj), None)  # no affine: saving would write it as an sform
+    image.header.set_zooms(loaded.header.get_zooms())
+    image.header.set_qform(None, code=0)
+    image.header.set_sform(None, code=0)
+    nib.save(image, source)
+    seen = Events()
+    sidecar = segment(source, tmp_path / "seg.nii.gz", toy_package, SegmentOptions(device="cpu"), seen)
+    assert sidecar["labels"][0]["voxels"] == 40 * 36 * 24 and sidecar["labels"][0]["volume_ml"] is None
+    warnings = [fields["message"] for event, fields in seen.seen if event == "warning"]
+    assert warnings == [f"{source}: has no orientation or origin (its NIfTI qform_code and sform_code are 0): "
+                        "volumes in ml are not reported"]
+
+
 def test_roi_in_ras_millimetres_is_the_same_box_as_in_voxels(toy_network, toy_package, tmp_path):
     toy_network(Constant([0.0, 5.0]))
     source, affine = axis_aligned(tmp_path)
@@ -644,6 +663,24 @@ def bad_case(name, tmp, package, models):
     if name == "sidecar_would_replace_model_json":
         (tmp / "out" / "model.json").write_text("{}")
         return ["segment", good, tmp / "out" / "model.nrrd", "--model", model], "model.json exists and was not written"
+    if name == "all_zero_affine":  # ml from geometry the file does not have
+        flat = nib.Nifti1Image(np.random.default_rng(0).normal(100, 20, (40, 40, 24)).astype(np.float32), None)
+        flat.header.set_sform(np.zeros((4, 4)), code=1)
+        flat.header.set_qform(None, code=0)
+        nib.save(flat, tmp / "flat.nii.gz")
+        return ["segment", tmp / "flat.nii.gz", out, "--model", model], \
+            "flat.nii.gz: has no usable geometry: its voxel-to-world matrix is singular"
+    if name == "absurd_spacing":  # 4096 mm voxels resampled to the model's spacing
+        write_nifti(tmp / "vast.nii.gz", np.random.default_rng(0).normal(100, 20, (40, 40, 24)),
+                    np.diag([4096.0, 4096.0, 4096.0, 1.0]))
+        return ["segment", tmp / "vast.nii.gz", out, "--model", model], \
+            "vast.nii.gz: resampling its 4096x4096x4096 mm voxels to"
+    if name == "header_larger_than_file":
+        from test_volumes import header_only_nifti
+
+        header_only_nifti(tmp / "huge.nii.gz")
+        return ["segment", tmp / "huge.nii.gz", out, "--model", model], \
+            "huge.nii.gz: declares 1500x1500x1500 float32 voxels (13500000000 bytes), but a gzip file of"
     if name == "output_is_folder":
         (tmp / "out" / "seg.nii.gz").mkdir(parents=True)
         return ["segment", good, out, "--model", model], "seg.nii.gz: output is a folder"
@@ -654,7 +691,8 @@ BAD = ["two_dimensional", "four_dimensional", "missing_image", "unknown_model", 
        "truncated_weights_unverified", "card_not_json", "weights_do_not_fit", "png_output", "bad_roi_text",
        "roi_outside", "overlap", "batch_size", "unknown_device", "cuda_without_gpu", "installed_backbone",
        "registry_backbone", "output_is_folder", "output_is_the_input", "output_is_a_hard_link_to_the_input",
-       "output_through_a_symlinked_folder", "sidecar_would_replace_dataset_json", "sidecar_would_replace_model_json"]
+       "output_through_a_symlinked_folder", "sidecar_would_replace_dataset_json", "sidecar_would_replace_model_json",
+       "all_zero_affine", "absurd_spacing", "header_larger_than_file"]
 
 
 @pytest.mark.parametrize("case", BAD)

@@ -368,3 +368,13 @@ def test_each_start_has_a_new_token_that_the_page_sends_back_as_text():
     assert not any(page_keeps_as_text(t) for t in ("1e10", "0x1f2e3d4c", "Infinity", "-12345678", "true"))
     assert same_origin("http://localhost:9000", "localhost:9000")  # through a tunnel: the page's own address
     assert not same_origin("http://evil.example", "127.0.0.1:8080") and not same_origin("null", "127.0.0.1:8080")
+def test_a_header_declaring_more_voxels_than_its_file_holds_is_refused_before_slicer_reads_it(studio, tmp_path):
+    from test_volumes import header_only_nifti
+
+    from voco.errors import VocoInputError
+
+    path = header_only_nifti(tmp_path / "huge.nii.gz")
+    volumes = studio.slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    with pytest.raises(VocoInputError, match="huge.nii.gz: declares 1500x1500x1500 float32 voxels"):
+        studio.load_file(path)
+    assert studio.slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes

@@ -174,6 +174,77 @@ def test_missing_files_and_folders_are_rejected(tmp_path):
         read_volume(tmp_path)
 
 
+def header_only_nifti(path: Path, shape=(1500, 1500, 1500)) -> Path:
+    """A NIfTI header declaring ``shape`` float32 with no voxels after it (54 bytes gzipped)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    raw = header.binaryblock + b"\0" * 4
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    return path
+
+
+def header_only_nrrd(path: Path, encoding: str) -> Path:
+    nrrd.write(str(path), np.zeros((8, 8, 8), np.float32), {"encoding": encoding, "space": "left-posterior-superior",
+                                                            "space directions": np.eye(3), "space origin": np.zeros(3)})
+    text = path.read_bytes().split(b"\n\n", 1)[0].replace(b"sizes: 8 8 8", b"sizes: 1500 1500 1500")
+    path.write_bytes(text + b"\n\n" + b"\0" * 64)
+    return path
+
+
+@pytest.mark.parametrize("make, name, held", [
+    (header_only_nifti, "huge.nii.gz", "a gzip file of 54 bytes holds at most 55728"),
+    (header_only_nifti, "huge.nii", "the file holds 352"),
+    (lambda path: header_only_nrrd(path, "raw"), "huge.nrrd", "the file holds 64"),
+    (lambda path: header_only_nrrd(path, "gzip"), "huge-gz.nrrd", "a gzip file of 64 bytes holds at most 66048"),
+], ids=["nifti-gz", "nifti", "nrrd-raw", "nrrd-gzip"])
+def test_a_header_declaring_more_voxels_than_its_file_can_hold_is_refused_before_reading(tmp_path, make, name, held):
+    path = make(tmp_path / name)
+    with pytest.raises(VocoInputError) as caught:
+        read_volume(path)
+    assert str(caught.value) == (f"{path}: declares 1500x1500x1500 float32 voxels (13500000000 bytes), but {held} "
+                                 "bytes; refused before reading")
+
+
+def test_a_volume_larger_than_the_available_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    from voco.data import volumes
+
+    path = synthetic_ct(tmp_path / "ct.nii.gz")
+    monkeypatch.setattr(volumes, "_available_memory", lambda: 100_000)
+    with pytest.raises(VocoInputError) as caught:
+        read_volume(path)
+    assert str(caught.value) == (f"{path}: needs 409600 bytes of memory to read 40x32x40 float32 voxels, but "
+                                 "only 100000 are available; refused before reading")
+
+
+@pytest.mark.parametrize("affine, problem", [
+    (np.zeros((4, 4)), "its voxel-to-world matrix is singular (zero spacing or collapsed axes)"),
+    (np.diag([1.0, 0.0, 1.0, 1.0]), "its voxel-to-world matrix is singular (zero spacing or collapsed axes)"),
+    (np.diag([1.0, np.nan, 1.0, 1.0]), "its voxel-to-world matrix is not finite"),
+], ids=["all-zero", "zero-spacing", "nan-spacing"])
+def test_a_volume_without_usable_geometry_is_refused(tmp_path, affine, problem):
+    volume = np.random.default_rng(0).uniform(0, 100, (16, 16, 16)).astype(np.float32)
+    image = nib.Nifti1Image(volume, None)
+    image.header.set_sform(affine, code=1)
+    image.header.set_qform(None, code=0)
+    path = tmp_path / "flat.nii.gz"
+    nib.save(image, path)
+    with pytest.raises(VocoInputError) as caught:
+        read_volume(path)
+    assert str(caught.value) == f"{path}: has no usable geometry: {problem}"
+
+
+def test_resampling_that_would_make_an_absurd_grid_is_refused_before_allocating(tmp_path):
+    path = synthetic_ct(tmp_path / "ct.nii.gz")
+    image = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), np.diag([4096.0, 4096.0, 4096.0, 1.0])), path)
+    with pytest.raises(VocoInputError) as caught:
+        load_volume(path, Preprocessing(spacing=(1.5, 1.5, 1.5), foreground_crop=False))
+    assert str(caught.value).startswith(f"{path}: resampling its 4096x4096x4096 mm voxels to 1.5x1.5x1.5 mm would "
+                                        "make a grid of 109227x87382x109227 voxels")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("itk") is not None, reason="ITK installed: .mha is readable")
 def test_metaimage_without_itk_says_what_to_install(tmp_path):
     path = tmp_path / "scan.mha"

@@ -31,6 +31,7 @@ class ModelEntry:
     previous_version: str | None = None
     previous_dice: float | None = None
     size_bytes: int | None = None  # of the download, for a registry model not installed yet
+    verified: bool = True  # False: no published sha256 vouches for it (only its server's own checksum)
 
     @property
     def usable(self) -> bool:
@@ -68,7 +69,12 @@ class ModelEntry:
                 text += f" (v{self.previous_version}: {self.previous_dice:.3f})"
         if not self.installed and self.kind == "segmentation":
             text += " — will download" + (f" {self.size_bytes / 1e6:.0f} MB" if self.size_bytes else "")
-        return text
+        return text + self.trust_note
+
+    @property
+    def trust_note(self) -> str:
+        """What a title adds for a model no published checksum vouches for."""
+        return "" if self.verified else " — unverified: no published sha256"
 
 
 def finetuned_name(model) -> str:
@@ -98,7 +104,8 @@ def entries_from_event(event: dict) -> list[ModelEntry]:
                                   architecture=row.get("architecture"), labels=list(row.get("labels") or []),
                                   metrics=dict(row.get("metrics") or {}), description=row.get("description") or "",
                                   source="registry" if from_registry else "installed",
-                                  size_bytes=row.get("size_bytes") if isinstance(row.get("size_bytes"), int) else None))
+                                  size_bytes=row.get("size_bytes") if isinstance(row.get("size_bytes"), int) else None,
+                                  verified=row.get("verified") is not False))
     return entries
 
 

@@ -131,7 +131,8 @@ class PretrainSession(Session):
         backbones, the workspace's pretraining runs with a checkpoint, the segmentation models,
         and a random initialisation ("")."""
         backbones = [(m.spec, f"{m.name} v{m.version} — published backbone"
-                      + ("" if m.installed else " (will download)")) for m in self.state.models if m.needs_finetuning]
+                      + ("" if m.installed else " (will download)") + m.trust_note)
+                     for m in self.state.models if m.needs_finetuning]
         runs = [(r.checkpoint, f"{r.name} — pretraining run, step {r.step or 0}")
                 for r in self.state.runs if r.kind == PRETRAIN and r.checkpoint]
         models = [(m.spec, m.title) for m in self.state.models if m.usable]

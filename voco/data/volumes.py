@@ -12,8 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import nrrd
 import numpy as np
+import psutil
 import torch
 from monai.data import MetaTensor, NrrdReader
 from monai.transforms import (
@@ -44,6 +46,11 @@ GEOMETRY_TOLERANCE_MM = 1e-3
 # given explicitly instead of letting Orientation guess them from the "space" metadata.
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 _HAS_ITK = importlib.util.find_spec("itk") is not None  # without importing it: that is slow
+# Deflate cannot expand data more than about 1032 times: a header declaring more than that many
+# bytes per byte of gzip file is lying, and would allocate for nothing.
+GZIP_MAX_RATIO = 1032
+# Resampling beyond this many voxels (16 GB of float32) is a header's absurd spacing, not a scan.
+MAX_RESAMPLED_VOXELS = 1 << 32
 
 
 @dataclass(eq=False)  # arrays and tensors have no single truth value to compare by
@@ -92,6 +99,9 @@ def read_volume(path: str | Path) -> MetaTensor:
         _check_nrrd_header(path)
     if suffix in (".mha", ".mhd") and not _HAS_ITK:
         raise VocoInputError("cannot be read as an image: .mha/.mhd files need ITK (pip install itk)", path)
+    if suffix in (".nii", ".nii.gz"):
+        _check_nifti_geometry(path)
+    check_declared_size(path)
     # MONAI picks readers by suffix and has none for detached NRRD headers, which pynrrd reads.
     reader = NrrdReader() if suffix == ".nhdr" else None
     try:
@@ -99,6 +109,7 @@ def read_volume(path: str | Path) -> MetaTensor:
     except Exception as error:  # each library fails its own way on a bad file; all mean "unreadable"
         raise VocoInputError(f"cannot be read as an image: {_one_line(error)}", path) from None
     image = _single_volume(image, path)
+    _check_geometry(image.affine.numpy(), path)
     _check_content(image, path)
     return image
 
@@ -108,6 +119,7 @@ def read_label_map(path: str | Path, image: MetaTensor) -> MetaTensor:
     path = Path(path)
     if not path.is_file():
         raise VocoInputError("label map does not exist", path)
+    check_declared_size(path)
     try:
         label = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path))
     except Exception as error:
@@ -159,6 +171,7 @@ def _preprocess(image: MetaTensor, label: MetaTensor | None, options: Preprocess
             raise VocoInputError(f"has no foreground above {threshold:g}", both[0].meta.get("filename_or_obj"))
         both = spatial(lambda _: SpatialCrop(roi_start=start, roi_end=end))
     if options.spacing is not None:
+        _check_resampled_size(both[0], options.spacing)
         both = spatial(lambda is_label: Spacing(pixdim=options.spacing, mode="nearest" if is_label else "bilinear"))
     image = both[0]
     if modality in CT_WINDOWS:
@@ -230,6 +243,115 @@ def _check_nrrd_header(path: Path) -> None:
         raise VocoInputError(f"has {points} channels/time points; expected one 3-D volume", path)
 
 
+def check_declared_size(path: str | Path) -> None:
+    """Refuse a NIfTI or NRRD header that declares more voxels than its file can hold, or than
+    memory can take, before any of them is allocated (by this engine's readers or a front end's)."""
+    path = Path(path)
+    declared = _declared_data(path, image_suffix(path))
+    if declared is None:
+        return
+    shape, dtype, stored, compressed = declared
+    count = int(np.prod(shape, dtype=np.float64))
+    size = count * dtype.itemsize
+    voxels = f"{_shape_text(shape)} {dtype.name} voxels"
+    held = f"a gzip file of {stored} bytes holds at most {stored * GZIP_MAX_RATIO}" if compressed else \
+        f"the file holds {stored}"
+    if stored is not None and size > (stored * GZIP_MAX_RATIO if compressed else stored):
+        raise VocoInputError(f"declares {voxels} ({size} bytes), but {held} bytes; refused before reading", path)
+    needed = count * (dtype.itemsize + 4)  # the file's values and their float32 copy
+    available = _available_memory()
+    if needed > available:
+        raise VocoInputError(f"needs {needed} bytes of memory to read {voxels}, but only {available} are "
+                             "available; refused before reading", path)
+
+
+def _available_memory() -> int:
+    return int(psutil.virtual_memory().available)
+
+
+def _declared_data(path: Path, suffix: str):
+    """``(shape, dtype, stored bytes or None, compressed)`` as the header of a NIfTI or NRRD file
+    declares them, or None for other formats and headers the readers will refuse anyway."""
+    if suffix in (".nii", ".nii.gz"):
+        try:
+            header = nib.load(str(path)).header
+            shape, dtype = header.get_data_shape(), header.get_data_dtype()
+        except Exception:  # the reader says why, in its words
+            return None
+        return shape, dtype, path.stat().st_size, suffix == ".nii.gz"
+    if suffix in (".nrrd", ".nhdr"):
+        return _declared_nrrd_data(path)
+    return None
+
+
+def _declared_nrrd_data(path: Path):
+    try:
+        with open(path, "rb") as file:
+            header = nrrd.read_header(file)
+            data_start = file.tell()
+        shape = tuple(int(size) for size in header["sizes"])
+        dtype = np.dtype(nrrd.reader._determine_datatype(header))
+    except Exception:  # _check_nrrd_header has said why already, or the reader will
+        return None
+    encoding = str(header.get("encoding", "raw")).lower()
+    data_file = header.get("data file") or header.get("datafile")
+    if data_file is not None:
+        data = path.parent / str(data_file)
+        stored = data.stat().st_size if isinstance(data_file, str) and data.is_file() else None
+    else:
+        stored = path.stat().st_size - data_start
+    if encoding not in ("raw", "gzip", "gz"):  # text and bzip2: no bound from the file size
+        stored = None
+    return shape, dtype, stored, encoding in ("gzip", "gz")
+
+
+def missing_geometry(path: str | Path) -> str | None:
+    """Why the affine of the file in ``path`` is made up, or None when the file gives one.
+
+    A NIfTI with qform_code and sform_code 0 (ANALYZE's "no orientation") has an affine that
+    nibabel builds from pixdim alone: usable as a grid, but no measure of anything."""
+    if image_suffix(Path(path)) not in (".nii", ".nii.gz"):
+        return None
+    header = nib.load(str(path)).header
+    if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        return "has no orientation or origin (its NIfTI qform_code and sform_code are 0)"
+    return None
+
+
+def _check_nifti_geometry(path: Path) -> None:
+    """The header's own affine: MONAI's reader replaces a non-finite one with the identity."""
+    try:
+        affine = nib.load(str(path)).affine
+    except Exception:  # the reader says why, in its words
+        return
+    _check_geometry(affine, path)
+
+
+def _check_geometry(affine: np.ndarray, path: Path) -> None:
+    """Refuse an index -> RAS matrix that places no voxel anywhere: volumes in ml, resampling and
+    every position would be made up."""
+    matrix = affine[:3, :3]
+    if not np.isfinite(affine).all():
+        raise VocoInputError("has no usable geometry: its voxel-to-world matrix is not finite", path)
+    spacing = np.linalg.norm(matrix, axis=0)
+    if spacing.min() == 0 or abs(np.linalg.det(matrix)) <= 1e-6 * np.prod(spacing):
+        raise VocoInputError("has no usable geometry: its voxel-to-world matrix is singular (zero spacing or "
+                             "collapsed axes)", path)
+
+
+def _check_resampled_size(image: MetaTensor, spacing: Sequence[float]) -> None:
+    """Refuse resampling to ``spacing`` when the grid it makes could not be allocated."""
+    current = np.linalg.norm(image.affine.numpy()[:3, :3], axis=0)
+    shape = np.ceil(np.asarray(image.shape[1:]) * current / np.asarray(spacing)).astype(np.int64)
+    count = int(np.prod(shape, dtype=np.float64))
+    limit = min(MAX_RESAMPLED_VOXELS, _available_memory() // 16)  # float32 image, its copies and the label
+    if count > limit:
+        raise VocoInputError(f"resampling its {_shape_text(f'{v:g}' for v in current)} mm voxels to "
+                             f"{_shape_text(f'{v:g}' for v in spacing)} mm would make a grid of {_shape_text(shape)} "
+                             f"voxels ({count}), more than the {limit} that can be allocated here",
+                             image.meta.get("filename_or_obj"))
+
+
 def _single_volume(image: MetaTensor, path: Path) -> MetaTensor:
     """``image`` as ``(1, X, Y, Z)``, or the error saying why it is not one 3-D volume.
 
@@ -268,7 +390,7 @@ def _resolve_modality(image: torch.Tensor, modality: str) -> str:
     return "ct" if image.min().item() < CT_MINIMUM else "mri"
 
 
-def _shape_text(shape: Sequence[int]) -> str:
+def _shape_text(shape) -> str:
     return "x".join(str(edge) for edge in shape)
 
 

@@ -23,7 +23,7 @@ from monai.transforms import SpatialCrop
 
 from ..checkpoints.files import atomic_path
 from ..data.label_maps import check_label_output, sidecar_path, write_label_map
-from ..data.volumes import Preprocessing, preprocess, read_volume
+from ..data.volumes import Preprocessing, missing_geometry, preprocess, read_volume
 from ..errors import VocoInputError
 from ..jobs.signals import Cancelled, cancel_on_signals, signals_held_at_exit
 from ..models.segmentation import build_segmentation_network
@@ -84,6 +84,10 @@ def segment(image_path: str | Path, output: str | Path, package: ModelPackage, o
     device = choose_device(options.device)
     source = read_volume(image_path)
     source_affine = source.affine.numpy().astype(np.float64)
+    no_geometry = missing_geometry(image_path)
+    if no_geometry:
+        reporter.emit("warning", message=f"{image_path}: {no_geometry}: volumes in ml are not reported",
+                      file=str(image_path))
     source_shape = tuple(int(n) for n in source.shape[1:])
     box = roi_box(options, source_affine, source_shape, image_path)
     region = SpatialCrop(roi_start=box[:3], roi_end=box[3:])(source) if box else source
@@ -118,7 +122,7 @@ def segment(image_path: str | Path, output: str | Path, package: ModelPackage, o
     sidecar = {
         "format": SIDECAR_FORMAT, "image": str(image_path), "label_map": output.name,
         "model": {"name": card.name, "version": card.version, "weights_sha256": card.weights_sha256},
-        "labels": [_label_record(label, labels, source_affine) for label in card.labels],
+        "labels": [_label_record(label, labels, None if no_geometry else source_affine) for label in card.labels],
         "device": str(predictor.device), "spacing_mm": list(spacing), "modality": modality, "fast": options.fast,
         "tta": options.tta, "overlap": options.overlap, "roi_voxels": list(box) if box else None,
         "windows_evaluated": predictor.windows_evaluated, "precision": options.precision,
@@ -199,11 +203,12 @@ def roi_box(options: SegmentOptions, affine: np.ndarray, shape: tuple[int, int, 
     return tuple(int(v) for v in (*start, *end))
 
 
-def _label_record(label, labels: np.ndarray, affine: np.ndarray) -> dict:
-    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+def _label_record(label, labels: np.ndarray, affine: np.ndarray | None) -> dict:
+    """The sidecar's record of ``label``; ``volume_ml`` is None without an ``affine`` the file gives."""
     voxels = int(np.count_nonzero(labels == label.value))
+    volume_ml = None if affine is None else round(voxels * abs(np.linalg.det(affine[:3, :3])) / 1000.0, 3)
     return {"value": label.value, "name": label.name, "color": label.color, "terminology": label.terminology,
-            "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 3)}
+            "voxels": voxels, "volume_ml": volume_ml}
 
 
 def _throttled(reporter, interval: float = 0.2):

@@ -8,17 +8,29 @@ made of two different files, and a file that does not match its sha256 is delete
 
 Nothing is downloaded without a known sha256: the caller's, or the one the server names in
 ``X-Linked-Etag``. Hugging Face sends that header, quoted, on the ``/resolve/`` URL of every LFS file
-(on its redirect to the CDN, which does not repeat it); huggingface_hub reads it the same way.
+(on its redirect to the CDN, which does not repeat it); huggingface_hub reads it the same way. That
+header only shows the bytes arrived as the server meant them: a server that lies names its own
+file's sha256, so the caller marks such a download unverified.
+
+A download has an overall deadline (``$VOCO_DOWNLOAD_DEADLINE_S``, else enough time for the
+expected size at ``MIN_RATE_BYTES_S``): the per-read timeout alone lets a server that trickles a
+byte at a time hold it forever. With an expected size, a ``Content-Length`` that differs is refused
+before any byte is written, and a body that runs past it is cut off. Only a broken connection or
+the deadline keeps the ``.part`` for a resume; any other failure (a full disk, too many bytes, a
+wrong sha256) removes it.
 """
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
+import os
 import re
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 from .. import __version__
@@ -28,19 +40,28 @@ from ..errors import VocoInputError
 CHUNK_BYTES = 1 << 16
 TIMEOUT_S = 60  # per socket operation: a stalled connection fails instead of hanging
 PROGRESS_INTERVAL_S = 0.1  # at most ~10 download events per second
+DEADLINE_VARIABLE = "VOCO_DOWNLOAD_DEADLINE_S"
+DEADLINE_BASE_S = 600.0  # connecting, redirects and a slow start, on top of the time the bytes take
+MIN_RATE_BYTES_S = 100_000  # slower than 100 kB/s on average counts as stalled (VoComni_H: 13 h)
+DEADLINE_UNKNOWN_SIZE_S = 12 * 3600.0
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def fetch(url: str, part: Path, name: str, reporter, sha256: str | None = None) -> str:
+def fetch(url: str, part: Path, name: str, reporter, sha256: str | None = None, size: int | None = None) -> str:
     """Download ``url`` into ``part`` (resuming an earlier partial download of the same file) and
     verify it; returns the sha256 it was checked against.
 
     ``sha256`` is the expected checksum; without one, the server's ``X-Linked-Etag`` is used, and
-    with neither the download is refused before any byte is written. On success ``part`` is the
-    whole verified file and its record is gone; on a failed connection ``part`` stays for a resume.
+    with neither the download is refused before any byte is written. ``size`` is the expected
+    number of bytes, when known. On success ``part`` is the whole verified file and its record is
+    gone; on a broken connection or a missed deadline ``part`` stays for a resume, on any other
+    failure it is removed.
     """
-    part.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + deadline_s(size)
     record = part.with_name(part.name + ".json")
+    with _written(part, record):
+        part.parent.mkdir(parents=True, exist_ok=True)
     recorded = _recorded_sha256(record)
     offset = part.stat().st_size if part.is_file() and recorded and sha256 in (None, recorded) else 0
     response, linked = _open(url, offset)
@@ -56,8 +77,11 @@ def fetch(url: str, part: Path, name: str, reporter, sha256: str | None = None) 
             if response.status == 206:  # a range of some other file, or the wrong range: start again
                 response.close()
                 response, _ = _open(url, 0)
-        record.write_text(json.dumps({"url": url, "sha256": expected}))
-        _receive(response, part, offset, name, reporter, url)
+        with _removed_unless_resumable(part, record):
+            _check_announced_size(response, offset, size, url)
+            with _written(part, record):
+                record.write_text(json.dumps({"url": url, "sha256": expected}))
+            _receive(response, part, offset, _Progress(name, reporter, size), url, deadline)
     finally:
         response.close()
     record.unlink()
@@ -66,6 +90,63 @@ def fetch(url: str, part: Path, name: str, reporter, sha256: str | None = None) 
         part.unlink()
         raise VocoInputError(f"sha256 {actual} differs from the expected {expected}; the download was deleted", url)
     return expected
+
+
+def deadline_s(size: int | None) -> float:
+    """Seconds a whole download may take: ``$VOCO_DOWNLOAD_DEADLINE_S``, else enough for ``size``
+    bytes at the minimum rate."""
+    value = os.environ.get(DEADLINE_VARIABLE)
+    if not value:
+        return DEADLINE_UNKNOWN_SIZE_S if size is None else DEADLINE_BASE_S + size / MIN_RATE_BYTES_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:  # also NaN
+        raise VocoInputError(f"{DEADLINE_VARIABLE} must be a positive number of seconds, not {value!r}")
+    return seconds
+
+
+class _Resumable(VocoInputError):
+    """A download stopped by the network or the deadline: what arrived is kept for a resume."""
+
+
+@contextmanager
+def _removed_unless_resumable(part: Path, record: Path):
+    try:
+        yield
+    except _Resumable:
+        raise
+    except BaseException:
+        part.unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _written(part: Path, record: Path, total: int | None = None):
+    """Turns a failed write of the partial download into one line that names it, removing it."""
+    try:
+        yield
+    except OSError as exc:
+        done = part.stat().st_size if part.is_file() else 0
+        part.unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
+        of = f" of {total}" if total is not None else ""
+        problem = "disk full" if exc.errno in _DISK_FULL else f"cannot write ({exc.strerror or exc})"
+        raise VocoInputError(f"{problem} after writing {done}{of} bytes; the partial download was removed",
+                             part) from None
+
+
+def _check_announced_size(response, offset: int, size: int | None, url: str) -> None:
+    announced = _announced_total(response, offset)
+    if size is not None and announced is not None and announced != size:
+        raise VocoInputError(f"refused: the server announces {announced} bytes, the registry lists {size}", url)
+
+
+def _announced_total(response, offset: int) -> int | None:
+    length = response.headers.get("Content-Length")
+    return offset + int(length) if length and length.isdigit() else None
 
 
 def _recorded_sha256(record: Path) -> str | None:
@@ -122,28 +203,54 @@ def _first_byte(response) -> int:
     return int(match.group(1)) if match else -1
 
 
-def _receive(response, part: Path, offset: int, name: str, reporter, url: str) -> None:
-    """Write the body after the first ``offset`` bytes of ``part``, emitting ``download`` events."""
-    length = response.headers.get("Content-Length")
-    total = offset + int(length) if length and length.isdigit() else None
-    done, reported, last_event = offset, None, 0.0
-    with open(part, "r+b" if offset else "wb") as out:
-        out.seek(offset)
-        out.truncate()
-        try:
-            while block := response.read(CHUNK_BYTES):
+class _Progress:
+    """``download`` events, at most one per ``PROGRESS_INTERVAL_S`` and always the last one."""
+
+    def __init__(self, name: str, reporter, size: int | None):
+        self.name, self.reporter, self.size = name, reporter, size
+        self.total, self.reported, self.last_event = size, None, 0.0
+
+    def update(self, done: int, final: bool = False) -> None:
+        if final and self.reported == done:
+            return
+        if final or time.monotonic() - self.last_event >= PROGRESS_INTERVAL_S:
+            self.last_event, self.reported = time.monotonic(), done
+            _emit_progress(self.reporter, self.name, done, self.total)
+
+
+def _receive(response, part: Path, offset: int, progress: _Progress, url: str, deadline: float) -> None:
+    """Write the body after the first ``offset`` bytes of ``part``, emitting ``download`` events;
+    stops at ``deadline`` (time.monotonic) and as soon as more than the expected size arrived."""
+    progress.total = _announced_total(response, offset) or progress.size
+    total, size, done = progress.total, progress.size, offset
+    with _written(part, part.with_name(part.name + ".json"), total):
+        with open(part, "r+b" if offset else "wb") as out:
+            out.seek(offset)
+            out.truncate()
+            while block := _read(response, url, done, total):
+                if size is not None and done + len(block) > size:
+                    raise VocoInputError(f"refused: the server sent more than the {size} bytes the registry "
+                                         "lists; the download was deleted", url)
                 out.write(block)
                 done += len(block)
-                if time.monotonic() - last_event >= PROGRESS_INTERVAL_S:
-                    last_event, reported = time.monotonic(), done
-                    _emit_progress(reporter, name, done, total)
-        except (OSError, http.client.HTTPException) as exc:  # resets, timeouts, incomplete reads
-            raise _interrupted(url, done, total, exc) from None
+                progress.update(done)
+                if time.monotonic() > deadline:
+                    raise _Resumable(f"download took longer than its {deadline_s(size):g} s deadline "
+                                     f"({DEADLINE_VARIABLE}) after {done} of {total if total is not None else '?'} "
+                                     "bytes; run the same command again to resume", url)
     # http.client ends a body cut short without an error; the length it announced tells.
     if total is not None and done != total:
         raise _interrupted(url, done, total, "connection closed early")
-    if reported != done:  # the last event tells the whole size, once
-        _emit_progress(reporter, name, done, total)
+    progress.update(done, final=True)  # the last event tells the whole size, once
+
+
+def _read(response, url: str, done: int, total: int | None) -> bytes:
+    """The next bytes of the body, as soon as any arrived (``read`` would wait for a whole chunk,
+    however slowly it comes)."""
+    try:
+        return response.read1(CHUNK_BYTES)
+    except (OSError, http.client.HTTPException) as exc:  # resets, timeouts, incomplete reads
+        raise _interrupted(url, done, total, exc) from None
 
 
 def _emit_progress(reporter, name: str, done: int, total: int | None) -> None:
@@ -153,5 +260,5 @@ def _emit_progress(reporter, name: str, done: int, total: int | None) -> None:
 
 def _interrupted(url: str, done: int, total: int | None, reason) -> VocoInputError:
     of = f" of {total}" if total is not None else ""
-    return VocoInputError(f"download interrupted after {done}{of} bytes ({reason}); run the same command again "
+    return _Resumable(f"download interrupted after {done}{of} bytes ({reason}); run the same command again "
                           "to resume", url)

@@ -18,7 +18,9 @@ A name may be listed in several versions; the last one listed is the current one
 Cache (``$VOCO_MODELS_DIR``, else ``~/.cache/voco/models``)::
 
     <name>/<version>/entry.json   the entry, plus the verified sha256, where that came from, the
-                                  source (URL or imported path) and the installed size
+                                  source (URL or imported path), the installed size, and
+                                  ``verified`` (false, with ``unverified_reason``, when only the
+                                  server's own X-Linked-Etag named the sha256)
     <name>/<version>/<file>       a backbone, or
     <name>/<version>/model.json + weights.pt   a model package (or + the published checkpoint)
     .partial/<file>.part(.json)   an unfinished download and the sha256 it must have
@@ -57,6 +59,7 @@ OPTIONAL = {"sha256": None, "size_bytes": None, "preprocessing": None, "labels":
 # Names and versions become folder names, and files are joined to folders: no separators, no "..".
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+SERVER_SHA256 = "X-Linked-Etag"  # the sha256_source of a download that only its own server vouched for
 
 
 def registry_path() -> Path:
@@ -185,13 +188,22 @@ def list_models() -> list[dict]:
 
 
 def _row(values: dict, installed: bool) -> dict:
-    return {**values, "installed": installed, "path": str(installed_path(values)) if installed else None}
+    """``values`` with ``installed``, ``path`` and ``verified``: for an installed model whether its
+    sha256 was one the server did not choose (records written before that field say so by their
+    ``sha256_source``), for one not installed whether a download would be checked that way."""
+    if installed:
+        verified = values.get("verified", values.get("sha256_source") != SERVER_SHA256)
+    else:
+        verified = values["sha256"] is not None
+    return {**values, "installed": installed, "path": str(installed_path(values)) if installed else None,
+            "verified": verified}
 
 
 def describe_models(rows: list[dict]) -> str:
-    columns = ("name", "version", "kind", "architecture", "size", "installed")
+    columns = ("name", "version", "kind", "architecture", "size", "checked", "installed")
     table = [columns] + [(row["name"], row["version"], row["kind"], row["architecture"],
                           _size(row.get("installed_bytes") or row.get("size_bytes")),
+                          "sha256" if row["verified"] else "unverified",
                           row["path"] if row["installed"] else "no") for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1] for line in table]
@@ -216,9 +228,9 @@ def download(name: str, reporter, sha256: str | None = None, version: str | None
     if record and expected in (None, record["sha256"]):
         return installed_path(record)
     part = models_dir() / ".partial" / f"{entry['file']}.part"
-    digest = fetch(entry["url"], part, name, reporter, expected)
-    record = {**entry, "sha256": digest, "source": entry["url"],
-              "sha256_source": "registry" if entry["sha256"] else "--sha256" if sha256 else "X-Linked-Etag"}
+    digest = fetch(entry["url"], part, name, reporter, expected, size=entry["size_bytes"])
+    source = "registry" if entry["sha256"] else "--sha256" if sha256 else SERVER_SHA256
+    record = {**entry, "sha256": digest, "source": entry["url"], "sha256_source": source, **_verification(source)}
     try:
         if entry["kind"] == "backbone" or is_checkpoint_model(entry):
             return _install(record, part, move=True)
@@ -226,6 +238,15 @@ def download(name: str, reporter, sha256: str | None = None, version: str | None
             return _install(record, package.folder, move=True)
     finally:
         part.unlink(missing_ok=True)  # verified but not installable (a bad package): not worth keeping
+
+
+def _verification(sha256_source: str) -> dict:
+    """``verified``: whether the bytes match a sha256 the server that sent them did not choose."""
+    if sha256_source != SERVER_SHA256:
+        return {"verified": True}
+    return {"verified": False, "unverified_reason": "no published sha256 (the registry lists none and none was "
+                                                    "given with --sha256): only the server's own X-Linked-Etag "
+                                                    "vouches for these bytes"}
 
 
 def import_model(path: str | Path, reporter, name: str | None = None) -> Path:

@@ -33,7 +33,7 @@ from monai.losses import DiceCELoss
 
 from ..checkpoints.files import atomic_path, load_checkpoint, require_finite, save_checkpoint
 from ..data.sources import MAX_LABEL_VALUE, dataset_label_names, list_labelled_cases
-from ..data.volumes import Preprocessing, preprocess_pair, read_label_map, read_volume
+from ..data.volumes import Preprocessing, check_declared_size, preprocess_pair, read_label_map, read_volume
 from ..errors import VocoInputError
 from ..inference.sliding_window import SlidingWindowPredictor
 from ..jobs.progress import finite_or_none
@@ -373,6 +373,7 @@ class Finetuner:
 def _label_values(path: Path) -> np.ndarray:
     from monai.transforms import LoadImage
 
+    check_declared_size(path)
     try:
         values = np.unique(LoadImage(image_only=True)(str(path)).numpy())
     except Exception as error:

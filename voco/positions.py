@@ -13,6 +13,7 @@ from .errors import VocoInputError
 from .layout import CropLayout, crop_layout, write_json, write_label_volume
 from .models.voco import Student, build_teacher, voco_forward
 from .training.pretrain import FORMAT, PretrainConfig
+from .training.saved_config import checked_config
 
 
 def load_pretrained(path: str | Path, device="cpu"):
@@ -20,12 +21,18 @@ def load_pretrained(path: str | Path, device="cpu"):
     state = load_checkpoint(path)
     if state.get("format") != FORMAT:
         raise VocoInputError("not a VoCo pretraining checkpoint (no 'format': 'voco-pretrain')", path)
-    config = PretrainConfig.from_dict(state["config"])
+    config = PretrainConfig.from_dict(checked_config(state.get("config"), PretrainConfig, "pretrain", path))
     student = Student(config.backbone, config.preset, config.in_channels)
-    student.load_state_dict(state["student"])
     teacher = build_teacher(student, config.preset)
+    try:
+        student.load_state_dict(state["student"])
+        if teacher is not None:
+            teacher.load_state_dict(state["teacher"])
+    except (KeyError, RuntimeError) as error:  # missing, renamed or reshaped tensors
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise VocoInputError(f"its weights do not fit the network its configuration names: {first[:160]}",
+                             path) from None
     if teacher is not None:
-        teacher.load_state_dict(state["teacher"])
         teacher.to(device)
     return student.to(device).eval(), teacher, config
 

@@ -94,3 +94,34 @@ def test_positions_compare_predictions_with_the_truth(shipped, tmp_path):
             np.testing.assert_allclose(values[index_map == k + 1], predicted, atol=1e-6)
     assert (out / "positions.png").read_bytes()[:4] == b"\x89PNG"
     assert events(result.stdout)[-1]["event"] == "done"
+
+
+def test_a_pretraining_checkpoint_with_a_damaged_config_or_weights_is_one_error_line(shipped, tmp_path):
+    """``format: voco-pretrain`` alone does not make a usable checkpoint: a config from elsewhere or
+    weights of another network were tracebacks in positions and in pretrain --resume."""
+    import torch
+
+    from voco.errors import VocoInputError
+    from voco.positions import load_pretrained
+
+    run = tmp_path / "run"
+    trained = run_voco("pretrain", "--data", shipped["spine-ct"], "--out", run, "--preset", "demo",
+                       "--backbone", "swinunetr-tiny", "--steps", 1, "--batch-size", 1, "--progress", "jsonl")
+    assert trained.returncode == 0, trained.stderr
+    good = torch.load(run / "checkpoint.pt", weights_only=True)
+    damaged = {
+        "config_of_another_kind": ({**good, "config": {"epochs": 3}}, "unknown setting 'epochs'"),
+        "config_with_a_wrong_type": ({**good, "config": {**good["config"], "backbone": 7}}, "backbone is 7"),
+        "weights_of_another_network": ({**good, "student": {"layer.weight": torch.zeros(2)}},
+                                       "its weights do not fit the network its configuration names"),
+    }
+    for name, (state, message) in damaged.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(state, path)
+        with pytest.raises(VocoInputError, match=message):
+            load_pretrained(path)
+    torch.save(damaged["config_with_a_wrong_type"][0], run / "checkpoint.pt")
+    result = run_voco("pretrain", "--out", run, "--resume", "--steps", 2)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: {run / 'checkpoint.pt'}: --resume: not the configuration of a "
+                                          "voco pretrain run (backbone is 7)"]

@@ -37,7 +37,7 @@ from ..models.voco import Student, batch_keep_mask, build_teacher, teacher_sourc
 from ..presets import Preset, preset_from_dict
 from .distributed import init_distributed, shutdown
 from .finite_steps import NonFiniteSteps
-from .saved_config import read_saved_config
+from .saved_config import checked_config, read_saved_config
 from .schedules import build_optimizer
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -78,6 +78,9 @@ class PretrainConfig:
     def from_dict(cls, values: dict) -> "PretrainConfig":
         return cls(**{**values, "preset": preset_from_dict(values["preset"])})
 
+
+# What a checkpoint of this format always holds (state_dict), checked before a resume reads it.
+_CHECKPOINT_KEYS = ("step", "world_size", "student", "optimizer", "scheduler", "scaler", "rng_cpu")
 
 # Settings that must not change when a run is resumed (steps may grow; output and logging may change).
 _RESUME_FIXED = ("preset", "backbone", "batch_size", "seed", "lr", "modality", "in_channels", "data")
@@ -137,7 +140,11 @@ class Pretrainer:
         state = load_checkpoint(self.checkpoint_path)
         if state.get("format") != FORMAT:
             raise VocoInputError("--resume: not a VoCo pretraining checkpoint", self.checkpoint_path)
-        saved, now = state["config"], self.config.to_dict()
+        saved = checked_config(state.get("config"), PretrainConfig, "pretrain", self.checkpoint_path, "--resume: ")
+        missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+        if missing:
+            raise VocoInputError(f"--resume: the checkpoint has no {missing[0]!r}", self.checkpoint_path)
+        now = self.config.to_dict()
         for key in _RESUME_FIXED:
             if saved[key] != now[key]:
                 raise VocoInputError(f"--resume: the run was started with a different {key} "
@@ -150,6 +157,14 @@ class Pretrainer:
         return state
 
     def _load_state(self, state: dict) -> None:
+        try:
+            self._restore(state)
+        except (KeyError, RuntimeError, ValueError) as error:  # tensors missing, renamed or reshaped
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise VocoInputError(f"--resume: its saved state does not fit this run: {first[:160]}",
+                                 self.checkpoint_path) from None
+
+    def _restore(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
         if self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])

@@ -1,5 +1,5 @@
-"""Reading a run's ``config.json`` back for ``--resume``, checked field by field against the
-configuration class it was written from.
+"""Reading a run's ``config.json`` back for ``--resume`` (and the configuration a checkpoint
+carries), checked field by field against the configuration class it was written from.
 
 The file sits in a folder the user names, so it may be anything: truncated, edited by hand, another
 command's, another program's. Every such file is refused with one line that names it and the first
@@ -27,9 +27,15 @@ def read_saved_config(path: Path, config_class, command: str) -> dict:
                              path) from None
     except (OSError, UnicodeDecodeError) as error:
         raise VocoInputError(f"--resume: cannot be read: {error}", path) from None
+    return checked_config(values, config_class, command, path, "--resume: ")
+
+
+def checked_config(values, config_class, command: str, path: Path, context: str = "") -> dict:
+    """``values`` (a run's configuration, from its config.json or its checkpoint), or one error
+    line naming ``path`` and the first field that does not fit ``config_class``."""
     problem = _mismatch(values, config_class)
     if problem:
-        raise VocoInputError(f"--resume: not the configuration of a voco {command} run ({problem})", path)
+        raise VocoInputError(f"{context}not the configuration of a voco {command} run ({problem})", path)
     return values
 
 
@@ -64,7 +70,7 @@ def _fits(value, hint) -> bool:
     if origin is typing.Literal:
         return value in args
     if origin in (list, tuple):
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):  # a list in JSON, a tuple in a checkpoint
             return False
         if origin is tuple and Ellipsis not in args:
             return len(value) == len(args) and all(map(_fits, value, args))

@@ -362,6 +362,26 @@ def test_load_volumes_skips_bad_files_with_a_warning(tmp_path):
     assert warnings == [(f"{flat}: is constant (value 0): no image content", flat)]
 
 
+@pytest.mark.parametrize("preset", ["demo", "v2"])
+def test_an_mri_with_an_intensity_the_z_score_cannot_take_is_skipped_naming_the_file(shipped, tmp_path, preset):
+    """One 3e38 voxel in a real MRI made every pretraining loss NaN (the z-score overflows), or the
+    image all zeros (without resampling)."""
+    from voco.presets import PRESETS
+
+    source = nib.load(str(shipped["spine-mri"]))
+    array = np.asarray(source.dataobj).astype(np.float32)
+    array[tuple(n // 2 for n in array.shape)] = 3e38
+    bad = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(array, source.affine), str(bad))
+    warnings = []
+    volumes = load_volumes([bad, shipped["spine-mri"]], Preprocessing.for_preset(PRESETS[preset], "mri"),
+                           lambda message, path: warnings.append((message, path)))
+    assert [v.path for v in volumes] == [shipped["spine-mri"]]
+    [(message, path)] = warnings  # the peak after resampling: 3e38 spread over neighbours
+    assert path == bad and message.startswith(f"{bad}: holds an intensity of ")
+    assert message.endswith(", too extreme for the MRI z-score (at most 1.8e+16): a corrupt voxel?")
+
+
 def test_load_volumes_fails_when_no_file_is_usable(tmp_path):
     flat = write_nifti(tmp_path / "flat.nii.gz", np.zeros((10, 10, 10), np.float32))
     missing = tmp_path / "missing.nii.gz"

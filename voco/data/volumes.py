@@ -178,6 +178,7 @@ def _preprocess(image: MetaTensor, label: MetaTensor | None, options: Preprocess
         low, high = CT_WINDOWS[modality]
         image = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(image)
     else:
+        _check_z_score_range(image)
         image = NormalizeIntensity(nonzero=True)(image)
     both[0] = image
     if options.resize_to is not None:
@@ -198,6 +199,18 @@ def load_volume(path: str | Path, options: Preprocessing = Preprocessing()) -> V
     source_shape = tuple(int(edge) for edge in source.shape[1:])
     image, affine, modality = preprocess(source, options)
     return Volume(Path(path), image, affine, source_affine, source_shape, modality)
+
+
+# Above this an intensity's square overflows float32: the z-score's variance becomes infinite and
+# the image all zeros, or, once resampling spreads the value, its mean too and the image NaN.
+MAX_Z_SCORE_INTENSITY = float(np.sqrt(np.finfo(np.float32).max) / 1e3)
+
+
+def _check_z_score_range(image: MetaTensor) -> None:
+    peak = float(image.abs().max())
+    if peak > MAX_Z_SCORE_INTENSITY:
+        raise VocoInputError(f"holds an intensity of {peak:.3g}, too extreme for the MRI z-score (at most "
+                             f"{MAX_Z_SCORE_INTENSITY:.1e}): a corrupt voxel?", image.meta.get("filename_or_obj"))
 
 
 def load_volumes(

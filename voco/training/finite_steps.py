@@ -4,7 +4,7 @@ One extreme voxel (3e38 in an MRI) makes the loss infinite; one optimiser step o
 weight to NaN, and the next checkpoint would replace a good one with them. Such a step leaves the
 weights as they are (no optimiser step) and is reported as a ``warning``; after
 ``MAX_NON_FINITE_STEPS`` in a row the data, not chance, is the cause, and the run stops with
-one error line (exit code 2) without writing a checkpoint: the last good one is kept.
+one error line (exit code 2); the last checkpoint, whose weights are finite, is kept.
 """
 
 from __future__ import annotations
@@ -30,5 +30,5 @@ class NonFiniteSteps:
                                    "and the weights are unchanged")
         if self.in_a_row >= MAX_NON_FINITE_STEPS:
             raise VocoInputError(f"training stopped at step {step}: the loss or its gradients were not finite in {self.in_a_row} steps "
-                                 "in a row; the data probably hold extreme or corrupt values; nothing was saved, "
-                                 "the last checkpoint is kept", self.run_dir)
+                                 "in a row; the data probably hold extreme or corrupt values; the last checkpoint, with "
+                                 "finite weights, is kept", self.run_dir)

@@ -3,7 +3,8 @@ client, the engine's environment asked in the background, jobs in the background
 jobs (VoCo Studio's jobs table), the one job the status line follows, and the two signals every
 view connects: ``changed()`` and ``errorOccurred(message)``, and the engine log every job's events
 and stderr lines go to (``log``). A session's ``state`` has ``environment``, ``status`` and ``job``
-(the kind of the job the status line follows)."""
+(the kind of the job the status line follows), ``models`` and ``models_loading`` (the model
+list both modules offer, from the engine's registry and the workspace ``runs``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from .engine_log import EngineLog
 from .environment import ProbeJob
 from .jobs import Job
+from .models import ModelsJob
 from .signalling import Signal
 
 
@@ -30,6 +32,13 @@ class Session:
         if not any(job.kind == "environment" for job in self._background):
             self.state.environment = None
             self._background.append(ProbeJob(self.client).start())
+
+    def refresh_models(self) -> None:
+        """Ask the engine, in the background, for the registry's and the installed models."""
+        if not any(job.kind == "models" for job in self._background):
+            self.state.models_loading = True
+            self._background.append(ModelsJob(self.client, self.runs.workspace).start())
+        self._changed()
 
     def _changed(self) -> None:
         self.state.job = self._job.kind if self._job is not None else None
@@ -97,9 +106,19 @@ class Session:
                 self.state.environment = job.environment()
                 if self.state.environment.message:
                     self.state.status = self.state.environment.message
+            elif job.kind == "models":
+                self.state.models_loading = False
+                try:
+                    self.state.models = job.models()
+                except RuntimeError as exc:
+                    self._fail(str(exc))
+                self._models_listed()
             else:
                 self._background_finished(job)
         return changed
+
+    def _models_listed(self) -> None:
+        """The model list was read again (a session that waits for it says what follows)."""
 
     def _background_finished(self, job: Job) -> None:
         """A background job other than the probe ended (the sessions say what it means)."""

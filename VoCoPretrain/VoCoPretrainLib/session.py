@@ -26,7 +26,7 @@ from pathlib import Path
 from VoCoCommonLib.client import EngineClient
 from VoCoCommonLib.environment import EngineEnvironment
 from VoCoCommonLib.jobs import Job
-from VoCoCommonLib.models import ModelsJob, finetuned_name
+from VoCoCommonLib.models import finetuned_name
 from VoCoCommonLib.runs import DONE, FINETUNE, PRETRAIN, RUNNING, timestamped
 from VoCoCommonLib.session import Session
 from VoCoCommonLib.signalling import Signal
@@ -175,12 +175,6 @@ class PretrainSession(Session):
         self.probe_environment()
         self.refresh_models()
         self.refresh_runs()
-
-    def refresh_models(self) -> None:
-        if not any(j.kind == "models" for j in self._background):
-            self.state.models_loading = True
-            self._background.append(ModelsJob(self.client, self.runs.workspace).start())
-        self._changed()
 
     def refresh_runs(self) -> None:
         self.state.runs = self.runs.list_runs()
@@ -352,12 +346,6 @@ class PretrainSession(Session):
                 self.modelReady.emit(str(package))
 
     def _background_finished(self, job: Job) -> None:
-        if job.kind == "models":
-            self.state.models_loading = False
-            try:
-                self.state.models = job.models()
-            except RuntimeError as exc:
-                self._fail(str(exc))
         if job.kind == "curves" and str(job.run_dir) == self.state.selected:
             if job.succeeded:
                 self._columns, self._tail = job.result

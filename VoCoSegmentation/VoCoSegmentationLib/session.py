@@ -30,7 +30,7 @@ from pathlib import Path
 from VoCoCommonLib.client import EngineClient
 from VoCoCommonLib.environment import EngineEnvironment
 from VoCoCommonLib.jobs import Job
-from VoCoCommonLib.models import ModelEntry, ModelsJob, finetuned_name
+from VoCoCommonLib.models import ModelEntry, finetuned_name
 from VoCoCommonLib.runs import DONE, FINETUNE, RUNNING, STOPPED, timestamped
 from VoCoCommonLib.session import Session
 from VoCoCommonLib.signalling import Signal
@@ -136,12 +136,6 @@ class SegmentationSession(Session):
         """Ask the engine's Python what it has (devices, packages) and list the models, in the background."""
         self.probe_environment()
         self.refresh_models()
-
-    def refresh_models(self) -> None:
-        if not any(j.kind == "models" for j in self._background):
-            self.state.models_loading = True
-            self._background.append(ModelsJob(self.client, self.runs.workspace).start())
-        self._changed()
 
     def segment(self, volume_node, model, device: str = "auto", fast: bool = False, tta: bool = False,
                 roi_node=None, output_node=None, name: str | None = None, queue: bool = False) -> SegmentJob:
@@ -261,17 +255,13 @@ class SegmentationSession(Session):
             job.clean()
         self._pending.clear()
 
+    def _models_listed(self) -> None:
+        if self._select is not None:
+            self.modelSelected.emit(self._select)
+            self._select = None
+
     def _background_finished(self, job: Job) -> None:
-        if job.kind == "models":
-            self.state.models_loading = False
-            try:
-                self.state.models = job.models()
-            except RuntimeError as exc:
-                self._fail(str(exc))
-            if self._select is not None:
-                self.modelSelected.emit(self._select)
-                self._select = None
-        elif job.kind == "import":
+        if job.kind == "import":
             self._imported(job)
 
     def _tick_finetune(self) -> bool:

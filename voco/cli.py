@@ -46,6 +46,9 @@ def _add_preset_options(p) -> None:
     p.add_argument("--crop-edge", type=int, help="custom crop edge in voxels (multiple of 32)")
     p.add_argument("--targets", type=int, help="custom number of target crops per volume")
     p.add_argument("--spacing", help="resample to X,Y,Z mm, or 'native'")
+    p.add_argument("--norm-scope", choices=["volume", "batch"], default=None,
+                   help="projection-head normalisation over the crops of each volume (default; a DDP split "
+                        "changes nothing) or of the whole batch in the process (the official code)")
     p.add_argument("--modality", choices=["auto", "ct", "ct-chest", "mri"], default=None,
                    help="intensity preprocessing: CT window -175..250 HU, chest CT -1000..500, MRI z-score")
 
@@ -164,7 +167,8 @@ def _leaf_parsers(subparsers):
 def _preset(args, default: str):
     from .presets import resolve_preset
 
-    return resolve_preset(args.preset or default, args.grid, args.crop_edge, args.targets, args.spacing)
+    return resolve_preset(args.preset or default, args.grid, args.crop_edge, args.targets, args.spacing,
+                          args.norm_scope)
 
 
 def cmd_pretrain(args, reporter) -> int:
@@ -180,7 +184,7 @@ def _pretrain(args, reporter) -> int:
     given = {k: v for k, v in vars(args).items() if v is not None}
     if args.resume:
         config = resumable_config(args.out, given)
-        if any(k in given for k in ("preset", "grid", "crop_edge", "targets", "spacing")):
+        if any(k in given for k in ("preset", "grid", "crop_edge", "targets", "spacing", "norm_scope")):
             config.preset = _preset(args, "v2")
     else:
         if not args.data:

@@ -1,7 +1,10 @@
-"""The published VoCo variants as data: crop geometry, loss form, teacher and optimiser.
+"""The published VoCo variants as data: crop geometry, loss form, teacher, augmentation and optimiser.
 
-Numbers come from the VoCo paper (v1), VoCo-v2 and the OpenMind/nnssl re-implementation; see
-shared/VOCO_METHOD.md. ``demo`` is a scaled-down v2 that trains on two CPU cores in minutes.
+Each value is the one the official code uses (Luffy03/VoCo for v1, Luffy03/Large-Scale-Medical
+``Self-supervised/`` for v2, MIC-DKFZ/nnssl's VoCoTrainer for nnssl; see NOTES_issue13.md), except
+``norm_scope``: "volume" normalises the projection head over the crops of each volume, so that a
+batch split over DDP ranks trains the same objective; "batch" is the official normalisation over
+all crops in the process. ``demo`` is a scaled-down v2 that trains on two CPU cores in minutes.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ class Preset:
     label_dims: Literal[2, 3]           # overlap as x-y area (v1/v2) or volume (nnssl)
     patch_mode: Literal["resize_foreground", "random_crop"]
     spacing: tuple[float, float, float] | None   # resample to this spacing (mm); None keeps it
-    neg_loss: Literal["square", "log"]  # zero-overlap term: v1 p^2, v2 -log(1 - p)
+    neg_loss: Literal["square", "log"]  # zero-overlap term: p^2 (v1, nnssl) or -log(1 - p) (v2)
     teacher: Literal["full", "head", "none"]     # EMA teacher of backbone+head, head only, none
     inter_volume: bool                  # v2's cross-volume term
     feature_dropout: float              # v2's Dropout1d on student embeddings
@@ -35,6 +38,13 @@ class Preset:
     lr: float
     warmup_steps: int
     ema_momentum: float = 0.9
+    # nnssl: the prediction loss sends no gradient to the base embeddings (only the regulariser does)
+    detach_bases: bool = False
+    # "voco": mean over pairs i < j of ReLU(cos(b_i, stopgrad b_j))^2; "nnssl": of ReLU(cos(b_i, b_j))
+    regulariser: Literal["voco", "nnssl"] = "voco"
+    weight_decay: float = 0.01          # v1/v2 pass none to AdamW, so torch's default 0.01 applies
+    shift_prob: float = 0.5             # intensity shift of up to 0.1 per crop ("voco" augmentation)
+    norm_scope: Literal["volume", "batch"] = "volume"   # head normalisation over a volume or the batch
 
     @property
     def patch_shape(self) -> tuple[int, int, int]:
@@ -53,13 +63,14 @@ MAX_TARGETS = 64
 
 PRESETS: dict[str, Preset] = {
     "v1": Preset("v1", (4, 4, 1), 96, 64, 2, 2, "resize_foreground", None, "square", "full", False,
-                 0.0, 2048, "batch", "voco", "adamw", 1e-4, 5000),
+                 0.0, 2048, "batch", "voco", "adamw", 1e-4, 5000, shift_prob=0.1),
     "v2": Preset("v2", (3, 3, 1), 64, 64, 2, 2, "random_crop", (1.5, 1.5, 1.5), "log", "head", True,
-                 0.2, 1024, "batch", "voco", "adamw", 1e-4, 5000),
-    "nnssl": Preset("nnssl", (4, 4, 1), 64, 64, 4, 3, "random_crop", (1.0, 1.0, 1.0), "log", "none", False,
-                    0.0, 1024, "instance", "nnssl", "sgd", 1e-2, 0),
+                 0.2, 1024, "batch", "voco", "adamw", 1e-4, 5000, shift_prob=0.5),
+    "nnssl": Preset("nnssl", (4, 4, 1), 64, 64, 4, 3, "random_crop", (1.0, 1.0, 1.0), "square", "none", False,
+                    0.0, 2048, "instance", "nnssl", "sgd", 1e-2, 0,
+                    detach_bases=True, regulariser="nnssl", weight_decay=3e-5, shift_prob=0.0),
     "demo": Preset("demo", (3, 3, 1), 32, 32, 2, 2, "random_crop", (1.0, 1.0, 1.0), "log", "head", True,
-                   0.2, 256, "batch", "voco", "adamw", 1e-4, 20),
+                   0.2, 256, "batch", "voco", "adamw", 1e-4, 20, shift_prob=0.5),
 }
 
 
@@ -74,9 +85,13 @@ def parse_triple(text: str, kind=int, what: str = "value") -> tuple:
     return values
 
 
+NORM_SCOPES = ("volume", "batch")
+
+
 def resolve_preset(name: str, grid: str | None = None, crop_edge: int | None = None,
-                   num_targets: int | None = None, spacing: str | None = None) -> Preset:
-    """A named preset with the custom-grid overrides of the command line applied."""
+                   num_targets: int | None = None, spacing: str | None = None,
+                   norm_scope: str | None = None) -> Preset:
+    """A named preset with the custom-grid and normalisation overrides of the command line applied."""
     if name not in PRESETS:
         raise VocoInputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
@@ -93,6 +108,10 @@ def resolve_preset(name: str, grid: str | None = None, crop_edge: int | None = N
         changes["num_targets"] = num_targets
     if spacing is not None:
         changes["spacing"] = None if spacing == "native" else parse_triple(spacing, float, "--spacing")
+    if norm_scope is not None:
+        if norm_scope not in NORM_SCOPES:
+            raise VocoInputError(f"--norm-scope must be one of {', '.join(NORM_SCOPES)}, got {norm_scope!r}")
+        changes["norm_scope"] = norm_scope
     if changes.get("grid", (0, 0, 1))[2] > 1:
         # The x-y area labels of v1/v2 assume one layer of bases; with several, a base under
         # the target would count as overlapping it. Use the volume form instead.

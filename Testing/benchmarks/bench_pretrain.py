@@ -64,7 +64,7 @@ class Side:
         self.student = Student(backbone, preset).to(device)
         self.teacher = build_teacher(self.student, preset)
         self.optimizer, self.scheduler = build_optimizer(preset.optimizer, self.student.parameters(), preset.lr,
-                                                         total_steps, preset.warmup_steps)
+                                                         total_steps, preset.warmup_steps, preset.weight_decay)
         self.amp = device.type == "cuda"  # as the engine's Pretrainer: fp16 autocast on GPUs
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
@@ -73,7 +73,7 @@ class Side:
         return sample_order(SEED, len(self.volumes), positions), positions.tolist()
 
     def keep_mask(self, generators):
-        return batch_keep_mask(generators, self.student, self.preset, self.device)
+        return batch_keep_mask(generators, self.preset, self.device)
 
     def step(self, step: int) -> dict[str, float]:
         """One training step; returns the seconds spent in each phase."""
@@ -120,7 +120,8 @@ def crop_transform(start, preset, augment: bool) -> Compose:
         chain.append(Resized("image", spatial_size=(preset.input_edge,) * 3, mode="trilinear", align_corners=False))
     if augment:
         chain += [RandFlipd("image", prob=0.2, spatial_axis=axis) for axis in range(3)]
-        chain += [RandRotate90d("image", prob=0.2, max_k=1), RandShiftIntensityd("image", offsets=0.1, prob=0.3)]
+        chain += [RandRotate90d("image", prob=0.2, max_k=3),
+                  RandShiftIntensityd("image", offsets=0.1, prob=preset.shift_prob)]
         if preset.augment == "nnssl":
             chain += [RandGaussianNoised("image", prob=0.1, std=0.1), RandScaleIntensityd("image", 0.25, prob=0.15),
                       RandScaleIntensityFixedMeand("image", prob=0.15, factors=0.25),
@@ -151,11 +152,14 @@ def online_assign(feats, bases):
     return F.relu(torch.stack([F.cosine_similarity(f.unsqueeze(0), bases, dim=1) for f in feats]))
 
 
-def regularization_loss(bases):
+def regularization_loss(bases, form: str):
     total, pairs = 0.0, 0
     for i in range(len(bases) - 1):
         for j in range(i + 1, len(bases)):
-            total = total + F.relu(F.cosine_similarity(bases[i:i + 1], bases[j:j + 1].detach(), dim=1)) ** 2
+            if form == "voco":
+                total = total + F.relu(F.cosine_similarity(bases[i:i + 1], bases[j:j + 1].detach(), dim=1)) ** 2
+            else:
+                total = total + F.relu(F.cosine_similarity(bases[i:i + 1], bases[j:j + 1], dim=1))
             pairs += 1
     return (total / pairs).squeeze(0)
 
@@ -186,20 +190,19 @@ def baseline_forward(student, teacher, preset, crops, labels, keep) -> dict:
         elif preset.teacher == "head":
             logits = online_assign(s_targets, t_projected[i, :k])
         else:
-            logits = online_assign(s_targets, s_bases)
+            logits = online_assign(s_targets, s_bases.detach() if preset.detach_bases else s_bases)
         pos_i, neg_i = ce_loss(y, logits, preset.neg_loss)
-        pos, neg, reg = pos + pos_i, neg + neg_i, reg + regularization_loss(s_bases)
+        pos, neg, reg = pos + pos_i, neg + neg_i, reg + regularization_loss(s_bases, preset.regulariser)
     terms = {"loss_pos": pos / batch, "loss_neg": neg / batch, "loss_reg": reg / batch}
-    if preset.inter_volume:  # v2: student targets of volume i against its bases of volume j != i,
-        inter, pairs = projected.sum() * 0, 0  # the teacher's prediction for the pair as soft label
+    if preset.inter_volume:  # v2: student targets of volume i against its bases of volume i + 1,
+        inter = 0.0          # the teacher's prediction for the pair as soft label
         for i in range(batch):
-            for j in range(batch):
-                if i != j:
-                    with torch.no_grad():
-                        soft = online_assign(t_projected[i, k:], t_projected[j, :k])
-                    pos_ij, neg_ij = ce_loss(soft, online_assign(projected[i, k:], projected[j, :k]), preset.neg_loss)
-                    inter, pairs = inter + pos_ij + neg_ij, pairs + 1
-        terms["loss_inter"] = inter / max(pairs, 1)
+            j = (i + 1) % batch
+            with torch.no_grad():
+                soft = online_assign(t_projected[i, k:], t_projected[j, :k])
+            pos_ij, neg_ij = ce_loss(soft, online_assign(projected[i, k:], projected[j, :k]), preset.neg_loss)
+            inter = inter + pos_ij + neg_ij
+        terms["loss_inter"] = inter / batch
     terms["loss"] = sum(terms.values())
     return terms
 

@@ -134,6 +134,21 @@ def test_regulariser_gradient_equals_finite_differences_with_the_second_argument
     torch.testing.assert_close(grad, numerical, rtol=1e-5, atol=1e-7)
 
 
+def test_nnssl_regulariser_equals_a_loop_over_pairs_differentiating_both_sides():
+    torch.manual_seed(9)
+    bases = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    value = regulariser(bases, "nnssl")
+    reference = torch.stack([torch.stack([F.relu(F.cosine_similarity(bases[b, i], bases[b, j], dim=0))
+                                          for i in range(5) for j in range(i + 1, 5)]).mean() for b in range(2)]).mean()
+    torch.testing.assert_close(value, reference, rtol=0, atol=1e-12)
+    (grad,) = torch.autograd.grad(value, bases)
+    (reference_grad,) = torch.autograd.grad(reference, bases)
+    torch.testing.assert_close(grad, reference_grad, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: regulariser(x, "nnssl"), (bases.detach().abs().requires_grad_(),))
+    with pytest.raises(ValueError):
+        regulariser(bases, "cube")
+
+
 def test_assign_equals_a_loop_of_cosine_similarities():
     torch.manual_seed(3)
     targets, bases = torch.randn(2, 3, 6), torch.randn(2, 4, 6)
@@ -148,34 +163,39 @@ def test_assign_equals_a_loop_of_cosine_similarities():
 
 
 def loop_inter_volume(s_targets, s_bases, t_targets, t_bases, form):
-    """The reference's shape: for each volume i and each other volume j, the student's targets of
-    i against its bases of j, labelled by the teacher's detached prediction for the same pair."""
+    """The reference's shape: for each volume i, the student's targets of i against its bases of
+    the next volume (i + 1, wrapping round), labelled by the teacher's detached prediction for the
+    same pair; the mean over volumes."""
     values = []
     b = s_targets.shape[0]
     for i in range(b):
-        for j in range(b):
-            if i != j:
-                predicted = torch.stack([F.relu(F.cosine_similarity(s_targets[i, u][None], s_bases[j], dim=1))
-                                         for u in range(s_targets.shape[1])])
-                soft = torch.stack([F.relu(F.cosine_similarity(t_targets[i, u][None], t_bases[j], dim=1))
-                                    for u in range(t_targets.shape[1])]).detach()
-                pos = -(soft * torch.log(1 - (soft - predicted).abs() + EPS)).sum() / (soft.sum() + EPS)
-                zero = (soft == 0).to(predicted.dtype)
-                neg_values = predicted.pow(2) if form == "square" else -torch.log(1 - predicted + EPS)
-                values.append((pos, (zero * neg_values).sum() / (zero.sum() + EPS)))
+        j = (i + 1) % b
+        predicted = torch.stack([F.relu(F.cosine_similarity(s_targets[i, u][None], s_bases[j], dim=1))
+                                 for u in range(s_targets.shape[1])])
+        soft = torch.stack([F.relu(F.cosine_similarity(t_targets[i, u][None], t_bases[j], dim=1))
+                            for u in range(t_targets.shape[1])]).detach()
+        pos = -(soft * torch.log(1 - (soft - predicted).abs() + EPS)).sum() / (soft.sum() + EPS)
+        zero = (soft == 0).to(predicted.dtype)
+        neg_values = predicted.pow(2) if form == "square" else -torch.log(1 - predicted + EPS)
+        values.append((pos, (zero * neg_values).sum() / (zero.sum() + EPS)))
     return torch.stack([p for p, _ in values]).mean() + torch.stack([n for _, n in values]).mean()
 
 
-def test_inter_volume_loss_is_zero_for_one_volume():
-    student = torch.randn(1, 2, 5, requires_grad=True)
-    value = inter_volume_loss(student, torch.randn(1, 3, 5), torch.randn(1, 2, 5), torch.randn(1, 3, 5), "log")
-    assert value.item() == 0.0
-    value.backward()  # still part of the graph, with a zero gradient
-    assert torch.count_nonzero(student.grad) == 0
+def test_inter_volume_loss_pairs_a_single_volume_with_itself():
+    torch.manual_seed(8)
+    student = torch.randn(1, 2, 5, dtype=torch.float64, requires_grad=True)
+    s_bases, t_targets, t_bases = (torch.randn(1, n, 5, dtype=torch.float64) for n in (3, 2, 3))
+    value = inter_volume_loss(student, s_bases, t_targets, t_bases, "log")
+    torch.testing.assert_close(value, loop_inter_volume(student, s_bases, t_targets, t_bases, "log"), rtol=0, atol=1e-12)
+    soft = assign(t_targets, t_bases)
+    predicted = assign(student, s_bases)
+    torch.testing.assert_close(value, positive_loss(predicted, soft) + zero_overlap_loss(predicted, soft, "log"))
+    value.backward()
+    assert torch.count_nonzero(student.grad) > 0
 
 
 @pytest.mark.parametrize("form", ["square", "log"])
-def test_inter_volume_loss_equals_a_loop_over_other_volumes(form):
+def test_inter_volume_loss_equals_a_loop_over_next_volumes(form):
     torch.manual_seed(4)
     s_targets = torch.randn(3, 2, 7, dtype=torch.float64, requires_grad=True)
     s_bases = torch.randn(3, 4, 7, dtype=torch.float64, requires_grad=True)

@@ -172,10 +172,9 @@ def test_voco_forward_gives_overlaps_and_trains_only_the_student(name):
     batch = sample_batch(volumes_for(preset), preset, seed=0, step=0, indices=[0, 1])
     keep = None
     if preset.feature_dropout > 0:
-        shape = (preset.num_bases + preset.num_targets, student.backbone.embedding_dim)
-        keep = torch.stack([feature_keep_mask(g, shape, preset.feature_dropout)
+        keep = torch.stack([feature_keep_mask(g, preset.num_bases + preset.num_targets, preset.feature_dropout)
                             for g in batch.generators])
-        # Dropout1d as in VoCo-v2: every crop's features, kept ones rescaled by 1 / (1 - p).
+        # Dropout1d as in VoCo-v2: whole crop embeddings, kept ones rescaled by 1 / (1 - p).
         assert (keep == 0).any() and set(keep.unique().tolist()) == {0.0, 1 / (1 - preset.feature_dropout)}
     logits, terms = voco_forward(student, teacher, preset, batch.crops, batch.labels, keep)
     b, t, k = 2, preset.num_targets, preset.num_bases

@@ -51,27 +51,68 @@ def base_tiles(patches: torch.Tensor, grid, edge: int) -> torch.Tensor:
     return tiles.permute(0, 2, 4, 6, 1, 3, 5, 7)
 
 
-def draw_augmentation(generator: torch.Generator, count: int, edge: int, style: str) -> dict[str, torch.Tensor]:
-    """Per-crop augmentation parameters for ``count`` crops of ``edge`` voxels. ``voco``: flips on
-    3 axes and rot90 (p=0.2 each), intensity shift of up to 0.1 (p=0.3). ``nnssl`` adds
-    nnU-Net's Gaussian noise, brightness, contrast and gamma."""
+# Per-crop augmentation as each official pipeline configures it. "voco" (MONAI, v1/v2): flips on
+# each axis and rot90 in the x-y plane with p = 0.2, an intensity shift of up to 0.1 with the
+# preset's probability (v1 0.1, v2 0.5). "nnssl" (batchgenerators defaults in its VocoTransform):
+# flips with p = 0.5, rot90 with p = 0.3, noise, brightness, contrast and gamma (plain and inverted).
+SPATIAL_PROBS = {"voco": (0.2, 0.2), "nnssl": (0.5, 0.3)}   # (flip per axis, rot90)
+
+
+def draw_augmentation(generator: torch.Generator, count: int, edge: int, style: str,
+                      shift_prob: float = 0.0) -> dict[str, torch.Tensor]:
+    """Per-crop augmentation parameters for ``count`` crops of ``edge`` voxels: ``flip`` (count, 3)
+    booleans, ``rot90`` quarter turns 0..3 (MONAI's RandRotate90(max_k=3) and batchgenerators'
+    Rot90Transform turn 1, 2 or 3 times when they turn), ``shift``; for ``nnssl`` also noise,
+    brightness, contrast and gamma factors (1 where a crop is not chosen)."""
     def chance(p):
         return torch.rand(count, generator=generator) < p
 
     def uniform(lo, hi):
         return lo + (hi - lo) * torch.rand(count, generator=generator)
 
-    params = {"flip": torch.rand(count, 3, generator=generator) < 0.2, "rot90": chance(0.2),
-              "shift": uniform(-0.1, 0.1) * chance(0.3)}
+    def below_or_above_one(lo, hi):  # batchgenerators: half the draws below 1, half above
+        return torch.where(chance(0.5), uniform(lo, 1.0), uniform(1.0, hi))
+
+    def factor(p, draw):
+        return torch.where(chance(p), draw, torch.ones(count))
+
+    flip_p, rot_p = SPATIAL_PROBS[style]
+    turns = 1 + torch.randint(3, (count,), generator=generator)
+    params = {"flip": torch.rand(count, 3, generator=generator) < flip_p, "rot90": turns * chance(rot_p),
+              "shift": uniform(-0.1, 0.1) * chance(shift_prob)}
     if style == "nnssl":
         noisy = chance(0.1)
         params.update(noisy=noisy,
                       noise=uniform(0, 0.1)[noisy].view(-1, 1, 1, 1, 1)
                       * torch.randn((int(noisy.sum()), 1, edge, edge, edge), generator=generator),
-                      brightness=torch.where(chance(0.15), uniform(0.75, 1.25), torch.ones(count)),
-                      contrast=torch.where(chance(0.15), uniform(0.75, 1.25), torch.ones(count)),
-                      gamma=torch.where(chance(0.3), uniform(0.7, 1.5), torch.ones(count)))
+                      brightness=factor(0.15, uniform(0.75, 1.25)),
+                      contrast=factor(0.15, below_or_above_one(0.75, 1.25)),
+                      inverted_gamma=factor(0.1, below_or_above_one(0.7, 1.5)),
+                      gamma=factor(0.3, below_or_above_one(0.7, 1.5)))
     return params
+
+
+def _gamma(crops: torch.Tensor, gamma: torch.Tensor, invert: bool) -> torch.Tensor:
+    """batchgenerators' gamma with ``retain_stats``: each crop rescaled to [0, 1], raised to its
+    gamma, scaled back, then given its former mean and standard deviation (of ``-crops`` if
+    ``invert``)."""
+    dims = tuple(range(2, crops.dim()))
+    x = -crops if invert else crops
+    mean, std = x.mean(dim=dims, keepdim=True), x.std(dim=dims, keepdim=True, unbiased=False)
+    lo = x.amin(dim=dims, keepdim=True)
+    span = x.amax(dim=dims, keepdim=True) - lo + 1e-7
+    x = ((x - lo) / span).pow(gamma.view(-1, *[1] * (crops.dim() - 1))) * span + lo
+    x = (x - x.mean(dim=dims, keepdim=True)) / (x.std(dim=dims, keepdim=True, unbiased=False) + 1e-8) * std + mean
+    return -x if invert else x
+
+
+def _contrast(crops: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """batchgenerators' contrast with ``preserve_range``: scaled about the mean, clipped to the
+    crop's former range."""
+    dims = tuple(range(2, crops.dim()))
+    mean = crops.mean(dim=dims, keepdim=True)
+    out = (crops - mean) * factor.view(-1, *[1] * (crops.dim() - 1)) + mean
+    return out.clamp(crops.amin(dim=dims, keepdim=True), crops.amax(dim=dims, keepdim=True))
 
 
 def augment(crops: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -81,22 +122,23 @@ def augment(crops: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tenso
 
     crops = crops.clone()  # one copy; everything below works in place on it
 
-    def transform_chosen(mask, transform):  # only the chosen crops (about 1 in 5) are touched
+    def transform_chosen(mask, transform):  # only the chosen crops are touched
         chosen = mask.nonzero()[:, 0].to(crops.device)
-        crops.index_copy_(0, chosen, transform(crops.index_select(0, chosen)))
+        if len(chosen):
+            crops.index_copy_(0, chosen, transform(crops.index_select(0, chosen), chosen.cpu()))
 
     for axis in range(3):
-        transform_chosen(params["flip"][:, axis], lambda x: x.flip(2 + axis))
-    transform_chosen(params["rot90"], lambda x: x.rot90(1, (2, 3)))
+        transform_chosen(params["flip"][:, axis], lambda x, _: x.flip(2 + axis))
+    for turns in (1, 2, 3):
+        transform_chosen(params["rot90"] == turns, lambda x, _: x.rot90(turns, (2, 3)))
     crops.add_(per_crop(params["shift"]))
     if "gamma" in params:
         crops = crops.index_add(0, params["noisy"].nonzero()[:, 0].to(crops.device), params["noise"].to(crops.device, crops.dtype))
-        crops = crops * per_crop(params["brightness"])
-        mean = crops.mean(dim=(2, 3, 4), keepdim=True)
-        crops = (crops - mean) * per_crop(params["contrast"]) + mean
-        lo = crops.amin(dim=(2, 3, 4), keepdim=True)
-        span = crops.amax(dim=(2, 3, 4), keepdim=True) - lo + 1e-7
-        crops = ((crops - lo) / span).pow(per_crop(params["gamma"])) * span + lo
+        crops.mul_(per_crop(params["brightness"]))
+        for name, transform in (("contrast", _contrast), ("inverted_gamma", lambda x, g: _gamma(x, g, True)),
+                                ("gamma", lambda x, g: _gamma(x, g, False))):
+            values = params[name]
+            transform_chosen(values != 1, lambda x, chosen: transform(x, values[chosen].to(x.device, x.dtype)))
     return crops
 
 
@@ -115,7 +157,8 @@ def sample_batch(volumes, preset: Preset, seed: int, step: int, indices, device=
                              start[2]:start[2] + patch_shape[2]])
         starts.append(start)
         targets.append(sample_targets(g, preset.num_targets, patch_shape, preset.crop_edge))
-        params.append(draw_augmentation(g, preset.num_bases + preset.num_targets, preset.input_edge, preset.augment))
+        params.append(draw_augmentation(g, preset.num_bases + preset.num_targets, preset.input_edge, preset.augment,
+                                        preset.shift_prob))
         generators.append(g)
     targets = np.stack(targets)
     k, edge = preset.num_bases, preset.crop_edge

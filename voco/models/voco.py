@@ -2,8 +2,9 @@
 forward pass that turns a batch of crops into overlap predictions and loss terms.
 
 Crops arrive per volume as ``(B, K + T, C, e, e, e)``: the K base crops first, then the T
-targets. The projection head normalises over the crops of one volume, so each volume is
-treated the same whether it shares a process with others or not (DDP splits volumes).
+targets. By default the projection head normalises over the crops of one volume, so each volume
+is treated the same whether it shares a process with others or not (DDP splits volumes); the
+preset's ``norm_scope="batch"`` normalises over all crops of the process, as the official code.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from .backbones import build_backbone
 class ProjectionHead(nn.Module):
     """Three linear layers with ReLU; the first two normalised without learnable affine.
 
-    ``norm="batch"`` normalises each feature over the crops of a volume (VoCo's BatchNorm1d
-    without affine or running statistics); ``"instance"`` normalises each vector (nnssl).
+    ``norm="batch"`` normalises each feature over crops (VoCo's BatchNorm1d without affine or
+    running statistics): those of one volume (``scope="volume"``) or all in the batch
+    (``scope="batch"``, as the official code); ``"instance"`` normalises each vector (nnssl's
+    InstanceNorm1d on a ``(crops, features)`` matrix).
     """
 
-    def __init__(self, in_dim: int, width: int, norm: str):
+    def __init__(self, in_dim: int, width: int, norm: str, scope: str = "volume"):
         super().__init__()
         self.layer1, self.layer2, self.layer3 = nn.Linear(in_dim, width), nn.Linear(width, width), nn.Linear(width, width)
-        self.norm_dim = {"batch": 1, "instance": -1}[norm]
+        self.norm_dim = -1 if norm == "instance" else {"volume": 1, "batch": (0, 1)}[scope]
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         mean = x.mean(dim=self.norm_dim, keepdim=True)
@@ -48,7 +51,7 @@ class Student(nn.Module):
     def __init__(self, backbone: str, preset: Preset, in_channels: int = 1):
         super().__init__()
         self.backbone = build_backbone(backbone, in_channels)
-        self.head = ProjectionHead(self.backbone.embedding_dim, preset.head_dim, preset.head_norm)
+        self.head = ProjectionHead(self.backbone.embedding_dim, preset.head_dim, preset.head_norm, preset.norm_scope)
 
     def forward(self, crops: torch.Tensor, keep: torch.Tensor | None = None):
         b, n = crops.shape[:2]
@@ -89,17 +92,19 @@ def teacher_source(student: Student, preset: Preset) -> nn.Module:
     return student if preset.teacher == "full" else student.head
 
 
-def feature_keep_mask(generator: torch.Generator, shape, p: float) -> torch.Tensor:
-    """Dropout1d-style mask for the student's embeddings, drawn from the sample's generator."""
-    return (torch.rand(shape, generator=generator) >= p).float() / (1 - p)
+def feature_keep_mask(generator: torch.Generator, crops: int, p: float) -> torch.Tensor:
+    """v2's feature dropout, drawn from the sample's generator: ``(crops, 1)``, each crop's whole
+    embedding kept (scaled by ``1 / (1 - p)``) or zeroed with probability ``p``, as the official
+    ``nn.Dropout1d`` does on a ``(crops, features)`` matrix (each row is one channel)."""
+    return (torch.rand((crops, 1), generator=generator) >= p).float() / (1 - p)
 
 
-def batch_keep_mask(generators, student: Student, preset: Preset, device) -> torch.Tensor | None:
-    """The feature-dropout masks of a batch, ``(B, K + T, D)``, or None when the preset has none."""
+def batch_keep_mask(generators, preset: Preset, device) -> torch.Tensor | None:
+    """The feature-dropout masks of a batch, ``(B, K + T, 1)``, or None when the preset has none."""
     if preset.feature_dropout == 0:
         return None
-    shape = (preset.num_bases + preset.num_targets, student.backbone.embedding_dim)
-    return torch.stack([feature_keep_mask(g, shape, preset.feature_dropout) for g in generators]).to(device)
+    crops = preset.num_bases + preset.num_targets
+    return torch.stack([feature_keep_mask(g, crops, preset.feature_dropout) for g in generators]).to(device)
 
 
 def voco_forward(student, teacher: EmaTeacher | None, preset: Preset, crops: torch.Tensor,
@@ -124,8 +129,8 @@ def voco_forward(student, teacher: EmaTeacher | None, preset: Preset, crops: tor
         logits = losses.assign(s_targets, t_bases)
         if preset.inter_volume:
             inter = losses.inter_volume_loss(s_targets, s_bases, t_targets, t_bases, preset.neg_loss)
-    else:  # nnssl: no teacher
-        logits = losses.assign(s_targets, s_bases)
+    else:  # nnssl: no teacher; the prediction loss may leave the bases to the regulariser
+        logits = losses.assign(s_targets, s_bases.detach() if preset.detach_bases else s_bases)
     if labels is None:
         return logits, {}
-    return logits, losses.voco_loss(logits, labels, s_bases, preset.neg_loss, inter)
+    return logits, losses.voco_loss(logits, labels, s_bases, preset.neg_loss, inter, preset.regulariser)

@@ -131,8 +131,9 @@ class Finetuner:
             report = load_weights(self.network, init_weights, self.architecture)
             reporter.emit("init", path=str(init_weights.path), layout=init_weights.layout, **report.to_dict())
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        # weight decay 1e-5: the official fine-tuning scripts' --reg_weight
         self.optimizer, self.scheduler = build_optimizer("adamw", self.network.parameters(), config.lr,
-                                                         config.steps, config.warmup_steps)
+                                                         config.steps, config.warmup_steps, weight_decay=1e-5)
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.step, self.best = 0, {"mean": -1.0, "step": 0, "dice": {}}

@@ -123,7 +123,8 @@ class Pretrainer:
         self.student = Student(config.backbone, preset, config.in_channels).to(self.device)
         self.teacher = build_teacher(self.student, preset)
         self.optimizer, self.scheduler = build_optimizer(
-            preset.optimizer, self.student.parameters(), config.lr or preset.lr, config.steps, preset.warmup_steps)
+            preset.optimizer, self.student.parameters(), config.lr or preset.lr, config.steps, preset.warmup_steps,
+            preset.weight_decay)
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.step = 0
@@ -205,7 +206,7 @@ class Pretrainer:
         order = sample_order(config.seed, len(self.volumes), positions)
         batch = sample_batch([self.volumes[i].image for i in order], preset, config.seed, self.step,
                              positions.tolist(), self.device)
-        keep = batch_keep_mask(batch.generators, self.student, preset, self.device)
+        keep = batch_keep_mask(batch.generators, preset, self.device)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             _, terms = voco_forward(self.model, self.teacher, preset, batch.crops, batch.labels, keep)
         grad_norm = torch.tensor(float("nan"), device=self.device)

@@ -22,14 +22,14 @@ def poly(total: int, exponent: float = 0.9):
     return lambda step: (1 - min(step, total - 1) / total) ** exponent
 
 
-def build_optimizer(kind: str, parameters, lr: float, steps: int, warmup: int):
-    """AdamW (amsgrad) + warm-up cosine, or SGD Nesterov + poly; warm-up is capped at a tenth
-    of the run so that short runs still train."""
+def build_optimizer(kind: str, parameters, lr: float, steps: int, warmup: int, weight_decay: float):
+    """AdamW (amsgrad) + warm-up cosine (VoCo v1/v2), or SGD Nesterov with momentum 0.99 + poly
+    (nnU-Net, nnssl); warm-up is capped at a tenth of the run so that short runs still train."""
     if kind == "adamw":
-        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-5, amsgrad=True)
+        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, amsgrad=True)
         schedule = warmup_cosine(min(warmup, steps // 10), steps)
     elif kind == "sgd":
-        optimizer = torch.optim.SGD(parameters, lr=lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
+        optimizer = torch.optim.SGD(parameters, lr=lr, momentum=0.99, nesterov=True, weight_decay=weight_decay)
         schedule = poly(steps)
     else:
         raise ValueError(f"unknown optimizer {kind!r}")

@@ -12,6 +12,7 @@ those sources do, so that the vectorised engine is checked against a different c
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -332,24 +333,67 @@ def test_augment_turns_each_crop_by_its_drawn_quarter_turns():
 
 def test_nnssl_gamma_keeps_mean_and_spread_and_contrast_keeps_the_range():
     # batchgenerators' GammaTransform(retain_stats=True) and ContrastAugmentationTransform(preserve_range=True).
-    gen = torch.Generator().manual_seed(18)
-    crops = torch.rand((3, 1, 6, 6, 6), generator=gen, dtype=torch.float64)
-    ones = torch.ones(3, dtype=torch.float64)
-    base = {"flip": torch.zeros(3, 3, dtype=torch.bool), "rot90": torch.zeros(3, dtype=torch.long),
-            "shift": torch.zeros(3, dtype=torch.float64), "noisy": torch.zeros(3, dtype=torch.bool),
-            "noise": torch.zeros(0, 1, 6, 6, 6, dtype=torch.float64), "brightness": ones}
+    crops = torch.rand((3, 1, 6, 6, 6), generator=torch.Generator().manual_seed(18), dtype=torch.float64)
     dims = (1, 2, 3, 4)
     for gamma_key in ("gamma", "inverted_gamma"):
-        params = {**base, "contrast": ones, "gamma": ones, "inverted_gamma": ones}
-        params[gamma_key] = torch.tensor([1.0, 0.7, 1.5], dtype=torch.float64)
-        got = augment(crops, params)
+        got = augment(crops, nnssl_params(3, (6, 6, 6), **{gamma_key: [1.0, 0.7, 1.5]}))
         torch.testing.assert_close(got[0], crops[0], rtol=0, atol=0)       # not chosen: untouched
         torch.testing.assert_close(got.mean(dim=dims), crops.mean(dim=dims), rtol=0, atol=1e-12)
         torch.testing.assert_close(got.std(dim=dims), crops.std(dim=dims), rtol=1e-6, atol=0)
         assert (got[1:] - crops[1:]).abs().max() > 1e-2
-    params = {**base, "contrast": torch.tensor([1.0, 1.25, 0.75], dtype=torch.float64), "gamma": ones,
-              "inverted_gamma": ones}
-    got = augment(crops, params)
+    got = augment(crops, nnssl_params(3, (6, 6, 6), contrast=[1.0, 1.25, 0.75]))
     assert (got.amax(dim=dims) <= crops.amax(dim=dims)).all() and (got.amin(dim=dims) >= crops.amin(dim=dims)).all()
     mean = crops[2].mean()
     torch.testing.assert_close(got[2], (crops[2] - mean) * 0.75 + mean, rtol=0, atol=1e-12)
+
+
+def scipy_gaussian_filter(volume: np.ndarray, sigma: float) -> np.ndarray:
+    """scipy.ndimage.gaussian_filter as batchgenerators calls it, written out with numpy: along
+    each axis, a normalised Gaussian cut at int(4 sigma + 0.5) voxels, the edges padded
+    symmetrically (scipy's "reflect": the edge voxel repeated)."""
+    radius = int(4 * sigma + 0.5)
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    for axis in range(volume.ndim):
+        volume = np.apply_along_axis(
+            lambda line: np.convolve(np.pad(line, radius, mode="symmetric"), kernel, mode="valid"), axis, volume)
+    return volume
+
+
+def nnssl_params(n, edge, **changes):
+    """Augmentation parameters that change nothing but ``changes`` (per-crop values)."""
+    ones = torch.ones(n, dtype=torch.float64)
+    params = {"flip": torch.zeros(n, 3, dtype=torch.bool), "rot90": torch.zeros(n, dtype=torch.long),
+              "shift": torch.zeros(n, dtype=torch.float64), "noisy": torch.zeros(n, dtype=torch.bool),
+              "noise": torch.zeros(0, 1, *edge, dtype=torch.float64), "blur": torch.zeros(n), "brightness": ones,
+              "contrast": ones, "low_resolution": ones, "inverted_gamma": ones, "gamma": ones}
+    return {**params, **{k: torch.tensor(v, dtype=torch.float64) for k, v in changes.items()}}
+
+
+def test_nnssl_blur_is_scipys_gaussian_filter_with_each_crops_sigma():
+    crops = torch.rand((4, 1, 6, 7, 8), generator=torch.Generator().manual_seed(19), dtype=torch.float64)
+    sigmas = [0.0, 0.5, 0.8, 1.0]   # radius 2, 3 and 4 voxels; the first crop is not chosen
+    got = augment(crops, nnssl_params(4, (6, 7, 8), blur=sigmas))
+    torch.testing.assert_close(got[0], crops[0], rtol=0, atol=0)
+    for i in range(1, 4):
+        expected = scipy_gaussian_filter(crops[i, 0].numpy(), sigmas[i])
+        np.testing.assert_allclose(got[i, 0].numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_nnssl_low_resolution_coarsens_only_the_chosen_crops():
+    crops = torch.rand((2, 1, 8, 8, 8), generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+    got = augment(crops, nnssl_params(2, (8, 8, 8), low_resolution=[1.0, 0.5]))
+    torch.testing.assert_close(got[0], crops[0], rtol=0, atol=0)
+    assert got.shape == crops.shape and (got[1] - crops[1]).abs().max() > 1e-2
+    assert crops[1].min() <= got[1].min() and got[1].max() <= crops[1].max()   # interpolation stays in range
+    # Nearest-neighbour down to 4^3 keeps one voxel of each 2^3 block: only 64 values survive.
+    down = torch.nn.functional.interpolate(crops[1:], size=(4, 4, 4), mode="nearest-exact")
+    np.testing.assert_array_equal(down[0, 0].numpy(), crops[1, 0, 1::2, 1::2, 1::2].numpy())
+
+
+def test_nnssl_blur_and_low_resolution_are_drawn_with_batchgenerators_probabilities():
+    params = draw_augmentation(torch.Generator().manual_seed(21), 20000, 4, "nnssl")
+    for name, p, lo, unchosen in (("blur", 0.1, 0.5, 0.0), ("low_resolution", 0.05, 0.5, 1.0)):
+        chosen = params[name] != unchosen
+        assert abs(chosen.double().mean().item() - p) < 0.015, name
+        assert params[name][chosen].min() >= lo and params[name][chosen].max() <= 1.0, name

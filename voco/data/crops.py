@@ -54,7 +54,8 @@ def base_tiles(patches: torch.Tensor, grid, edge: int) -> torch.Tensor:
 # Per-crop augmentation as each official pipeline configures it. "voco" (MONAI, v1/v2): flips on
 # each axis and rot90 in the x-y plane with p = 0.2, an intensity shift of up to 0.1 with the
 # preset's probability (v1 0.1, v2 0.5). "nnssl" (batchgenerators defaults in its VocoTransform):
-# flips with p = 0.5, rot90 with p = 0.3, noise, brightness, contrast and gamma (plain and inverted).
+# flips with p = 0.5, rot90 with p = 0.3, noise, blur, brightness, contrast, low resolution and gamma
+# (plain and inverted), in that order.
 SPATIAL_PROBS = {"voco": (0.2, 0.2), "nnssl": (0.5, 0.3)}   # (flip per axis, rot90)
 
 
@@ -62,8 +63,9 @@ def draw_augmentation(generator: torch.Generator, count: int, edge: int, style: 
                       shift_prob: float = 0.0) -> dict[str, torch.Tensor]:
     """Per-crop augmentation parameters for ``count`` crops of ``edge`` voxels: ``flip`` (count, 3)
     booleans, ``rot90`` quarter turns 0..3 (MONAI's RandRotate90(max_k=3) and batchgenerators'
-    Rot90Transform turn 1, 2 or 3 times when they turn), ``shift``; for ``nnssl`` also noise,
-    brightness, contrast and gamma factors (1 where a crop is not chosen)."""
+    Rot90Transform turn 1, 2 or 3 times when they turn), ``shift``; for ``nnssl`` also noise, blur
+    sigma (0 where a crop is not chosen), brightness, contrast, zoom and gamma factors (1 where
+    not chosen)."""
     def chance(p):
         return torch.rand(count, generator=generator) < p
 
@@ -85,8 +87,12 @@ def draw_augmentation(generator: torch.Generator, count: int, edge: int, style: 
         params.update(noisy=noisy,
                       noise=uniform(0, 0.1)[noisy].view(-1, 1, 1, 1, 1)
                       * torch.randn((int(noisy.sum()), 1, edge, edge, edge), generator=generator),
+                      # GaussianBlurTransform and SimulateLowResolutionTransform: per sample, then
+                      # per channel with p = 0.5 (one channel here)
+                      blur=torch.where(chance(0.2 * 0.5), uniform(0.5, 1.0), torch.zeros(count)),  # sigma
                       brightness=factor(0.15, uniform(0.75, 1.25)),
                       contrast=factor(0.15, below_or_above_one(0.75, 1.25)),
+                      low_resolution=factor(0.1 * 0.5, uniform(0.5, 1.0)),
                       inverted_gamma=factor(0.1, below_or_above_one(0.7, 1.5)),
                       gamma=factor(0.3, below_or_above_one(0.7, 1.5)))
     return params
@@ -104,6 +110,41 @@ def _gamma(crops: torch.Tensor, gamma: torch.Tensor, invert: bool) -> torch.Tens
     x = ((x - lo) / span).pow(gamma.view(-1, *[1] * (crops.dim() - 1))) * span + lo
     x = (x - x.mean(dim=dims, keepdim=True)) / (x.std(dim=dims, keepdim=True, unbiased=False) + 1e-8) * std + mean
     return -x if invert else x
+
+
+BLUR_RADIUS = 4  # scipy's gaussian_filter keeps 4 sigma, int(4 * sigma + 0.5) voxels: 4 for sigma <= 1
+
+
+def _blur(crops: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """scipy's gaussian_filter (batchgenerators' blur) with each crop's sigma: separable kernels
+    cut at ``int(4 sigma + 0.5)`` voxels, edges mirrored with the edge voxel repeated (scipy's
+    "reflect"); one grouped convolution per axis for all crops."""
+    offsets = torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=crops.dtype, device=crops.device)
+    sigma = sigma.to(crops.device, crops.dtype)[:, None]
+    radius = (4 * sigma + 0.5).floor()
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2) * (offsets.abs() <= radius)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)                      # (n, 9)
+    n, c = crops.shape[:2]
+    x = crops.reshape(n * c, *crops.shape[2:])                              # (m, X, Y, Z)
+    weights = kernel.repeat_interleave(c, dim=0)[:, None]                   # (m, 1, 9)
+    for axis in (1, 2, 3):
+        x = x.movedim(axis, -1)
+        x = torch.cat([x[..., :BLUR_RADIUS].flip(-1), x, x[..., -BLUR_RADIUS:].flip(-1)], dim=-1)
+        m, a, b, length = x.shape
+        rows = x.reshape(m, a * b, length).transpose(0, 1)                  # (a * b, m, length)
+        x = F.conv1d(rows, weights, groups=m).transpose(0, 1).reshape(m, a, b, -1).movedim(-1, axis)
+    return x.reshape(crops.shape)
+
+
+def _low_resolution(crops: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:
+    """batchgenerators' SimulateLowResolutionTransform: each crop shrunk to ``round(zoom * edge)``
+    by nearest neighbour and enlarged back (cubic there; trilinear here, torch has no 3-D cubic)."""
+    out = torch.empty_like(crops)
+    for i, factor in enumerate(zoom.tolist()):
+        small = [max(1, round(n * factor)) for n in crops.shape[2:]]
+        low = F.interpolate(crops[i:i + 1], size=small, mode="nearest-exact")
+        out[i] = F.interpolate(low, size=crops.shape[2:], mode="trilinear", align_corners=False)[0]
+    return out
 
 
 def _contrast(crops: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -134,8 +175,10 @@ def augment(crops: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tenso
     crops.add_(per_crop(params["shift"]))
     if "gamma" in params:
         crops = crops.index_add(0, params["noisy"].nonzero()[:, 0].to(crops.device), params["noise"].to(crops.device, crops.dtype))
+        transform_chosen(params["blur"] > 0, lambda x, chosen: _blur(x, params["blur"][chosen]))
         crops.mul_(per_crop(params["brightness"]))
-        for name, transform in (("contrast", _contrast), ("inverted_gamma", lambda x, g: _gamma(x, g, True)),
+        for name, transform in (("contrast", _contrast), ("low_resolution", _low_resolution),
+                                ("inverted_gamma", lambda x, g: _gamma(x, g, True)),
                                 ("gamma", lambda x, g: _gamma(x, g, False))):
             values = params[name]
             transform_chosen(values != 1, lambda x, chosen: transform(x, values[chosen].to(x.device, x.dtype)))

@@ -1,10 +1,11 @@
 """The published VoCo variants as data: crop geometry, loss form, teacher, augmentation and optimiser.
 
 Each value is the one the official code uses (Luffy03/VoCo for v1, Luffy03/Large-Scale-Medical
-``Self-supervised/`` for v2, MIC-DKFZ/nnssl's VoCoTrainer for nnssl; see NOTES_issue13.md), except
-``norm_scope``: "volume" normalises the projection head over the crops of each volume, so that a
-batch split over DDP ranks trains the same objective; "batch" is the official normalisation over
-all crops in the process. ``demo`` is a scaled-down v2 that trains on two CPU cores in minutes.
+``Self-supervised/`` for v2, MIC-DKFZ/nnssl's VoCoTrainer for nnssl); README lists the deliberate
+differences. One is switchable: ``norm_scope="volume"`` (default) normalises the projection head
+over the crops of each volume, so that a batch split over DDP ranks trains the same objective;
+``"batch"`` is the official normalisation over all crops in the process. ``demo`` is a scaled-down
+v2 that trains on two CPU cores in minutes.
 """
 
 from __future__ import annotations

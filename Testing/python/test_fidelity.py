@@ -113,7 +113,8 @@ def overlap_like_labels(b, t, k, seed, zeros_per_target=None):
     labels = torch.zeros(b, t, k, dtype=torch.float64)
     for i in range(b):
         for u in range(t):
-            touched = torch.randperm(k, generator=gen)[:k - (zeros_per_target or int(torch.randint(1, k - 1, (1,), generator=gen)))]
+            zeros = zeros_per_target or int(torch.randint(1, k - 1, (1,), generator=gen))
+            touched = torch.randperm(k, generator=gen)[:k - zeros]
             weights = torch.rand(len(touched), generator=gen, dtype=torch.float64) + 0.1
             labels[i, u, touched] = weights / weights.sum()
     return labels

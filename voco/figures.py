@@ -64,8 +64,10 @@ def plot_layout(layout, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_positions(layout, predicted: np.ndarray, path: Path) -> None:
-    """For each target: where it is (axial slice) and its predicted vs true overlap per base."""
+def plot_positions(layout, predicted: np.ndarray, path: Path, untrained: np.ndarray | None = None,
+                   prior: float | None = None) -> None:
+    """For each target: where it is (axial slice) and its predicted vs true overlap per base, next
+    to the untrained network's prediction and the constant prior when given."""
     truth = layout.labels
     count = len(truth)
     fig, axes = plt.subplots(count, 2, figsize=(13, 4.2 * count), squeeze=False,
@@ -87,12 +89,20 @@ def plot_positions(layout, predicted: np.ndarray, path: Path) -> None:
         ax.set_title(f"target {t}: predicted (true) overlap per base")
         ax = axes[t, 1]
         k = np.arange(truth.shape[1])
-        ax.bar(k - 0.2, truth[t], 0.4, label="true", color="#8e8e93")
-        ax.bar(k + 0.2, predicted[t], 0.4, label="predicted", color=_TARGET_COLOURS[t % len(_TARGET_COLOURS)])
+        width = 0.4 if untrained is None else 0.28
+        ax.bar(k - width, truth[t], width, label="true", color="#8e8e93")
+        ax.bar(k, predicted[t], width, label="predicted", color=_TARGET_COLOURS[t % len(_TARGET_COLOURS)])
+        title = f"mean |error| {np.abs(predicted[t] - truth[t]).mean():.3f}"
+        if untrained is not None:
+            ax.bar(k + width, untrained[t], width, label="untrained network", color="#c7c7cc", hatch="//")
+            title += f"; untrained {np.abs(untrained[t] - truth[t]).mean():.3f}"
+        if prior is not None:
+            ax.axhline(prior, color="#1c1c1e", linestyle=":", linewidth=1.2, label=f"constant prior {prior:.2f}")
+            title += f"; prior {np.abs(prior - truth[t]).mean():.3f}"
         ax.set_xticks(k)
         ax.set_xlabel("base crop")
         ax.set_ylim(0, 1)
-        ax.set_title(f"mean |error| {np.abs(predicted[t] - truth[t]).mean():.3f}")
+        ax.set_title(title)
         ax.legend(fontsize=8)
     _save(fig, path)
 

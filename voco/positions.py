@@ -1,5 +1,10 @@
 """What a pretrained VoCo model believes about position: for sampled targets of an image, the
-predicted overlap with each base crop next to the true one (``voco positions``)."""
+predicted overlap with each base crop next to the true one (``voco positions``).
+
+Two baselines say whether pretraining learned anything: the untrained network (the run's own
+initial weights: pretraining seeds them with its ``seed`` before building the network) and the
+constant prior, which predicts the mean true overlap of the layout for every target and base.
+A model that has learned position beats both; one that has not is no better than the prior."""
 
 from __future__ import annotations
 
@@ -43,6 +48,33 @@ def predict_positions(layout: CropLayout, student, teacher, device="cpu") -> np.
     return logits[0].float().cpu().numpy()
 
 
+def untrained_like(config: PretrainConfig, device="cpu"):
+    """Student and teacher exactly as the run of ``config`` started (before its first step)."""
+    torch.manual_seed(config.seed)  # as Pretrainer does before building the student
+    student = Student(config.backbone, config.preset, config.in_channels)
+    teacher = build_teacher(student, config.preset)
+    if teacher is not None:
+        teacher.to(device)
+    return student.to(device).eval(), teacher
+
+
+def position_scores(predicted: np.ndarray, truth: np.ndarray) -> dict:
+    """Mean absolute overlap error, and how often the base predicted to overlap most is the true one."""
+    return {"mean_abs_error": float(np.abs(predicted - truth).mean()),
+            "top_base_accuracy": float((predicted.argmax(1) == truth.argmax(1)).mean())}
+
+
+def baselines(layout: CropLayout, config: PretrainConfig, device="cpu") -> dict:
+    """The untrained network's and the constant prior's predictions and scores on ``layout``."""
+    truth = layout.labels
+    untrained = predict_positions(layout, *untrained_like(config, device), device)
+    prior = np.full_like(truth, truth.mean())
+    return {"untrained": {"predicted": untrained, **position_scores(untrained, truth)},
+            "constant_prior": {"value": float(truth.mean()), "predicted": prior,
+                               "mean_abs_error": float(np.abs(prior - truth).mean()),
+                               "top_base_accuracy_chance": 1.0 / truth.shape[1]}}
+
+
 def heatmap(layout: CropLayout, predicted: np.ndarray, target: int) -> np.ndarray:
     """Predicted overlap of ``target`` with each base crop, painted over that crop on the input grid."""
     index_map = layout.index_map()
@@ -59,6 +91,7 @@ def write_positions(image, checkpoint, out_dir, seed: int = 0, target: int = 0, 
         raise VocoInputError(f"--target must be between 0 and {config.preset.num_targets - 1}, got {target}")
     predicted = predict_positions(layout, student, teacher, device)
     truth = layout.labels
+    compared = baselines(layout, config, device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "positions.json", "figure": out / "positions.png", "volume": out / "positions.nii.gz"}
@@ -71,8 +104,10 @@ def write_positions(image, checkpoint, out_dir, seed: int = 0, target: int = 0, 
                      "mean_abs_error": float(np.abs(predicted[t] - truth[t]).mean()),
                      "predicted_base": int(predicted[t].argmax()), "true_base": int(truth[t].argmax())}
                     for t, box in enumerate(layout_json["targets"])],
-        "mean_abs_error": float(np.abs(predicted - truth).mean()),
+        **position_scores(predicted, truth),
+        "baselines": {name: {k: v for k, v in scores.items() if k != "predicted"} for name, scores in compared.items()},
     }, paths["json"])
-    plot_positions(layout, predicted, paths["figure"])
+    plot_positions(layout, predicted, paths["figure"], untrained=compared["untrained"]["predicted"],
+                   prior=compared["constant_prior"]["value"])
     write_label_volume(heatmap(layout, predicted, target), layout.volume.source_affine, paths["volume"])
     return paths

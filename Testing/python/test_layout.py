@@ -8,8 +8,9 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-from conftest import events, run_voco
+from conftest import Events, events, run_voco
 from voco.geometry import apply_affine
 
 
@@ -94,6 +95,32 @@ def test_positions_compare_predictions_with_the_truth(shipped, tmp_path):
             np.testing.assert_allclose(values[index_map == k + 1], predicted, atol=1e-6)
     assert (out / "positions.png").read_bytes()[:4] == b"\x89PNG"
     assert events(result.stdout)[-1]["event"] == "done"
+    # The baselines that say whether pretraining learned anything: the constant prior predicts the
+    # layout's mean true overlap everywhere; the untrained network has its own score.
+    truth = np.array([target["true"] for target in report["targets"]])
+    prior = report["baselines"]["constant_prior"]
+    assert prior["value"] == pytest.approx(truth.mean())
+    assert prior["mean_abs_error"] == pytest.approx(np.abs(truth - truth.mean()).mean())
+    assert prior["top_base_accuracy_chance"] == pytest.approx(1 / 9)
+    untrained = report["baselines"]["untrained"]
+    assert 0 <= untrained["mean_abs_error"] <= 1 and 0 <= untrained["top_base_accuracy"] <= 1
+    predicted = np.array([target["predicted"] for target in report["targets"]])
+    assert report["top_base_accuracy"] == pytest.approx((predicted.argmax(1) == truth.argmax(1)).mean())
+
+
+def test_the_untrained_baseline_is_the_runs_own_first_weights(shipped, tmp_path):
+    """The untrained network ``voco positions`` compares with is the run's network before its first step."""
+    from voco.positions import untrained_like
+    from voco.presets import PRESETS
+    from voco.training.pretrain import PretrainConfig, Pretrainer
+
+    config = PretrainConfig(data=[str(shipped["spine-ct"])], out=str(tmp_path / "run"), preset=PRESETS["demo"],
+                            backbone="swinunetr-tiny", steps=1, batch_size=1, seed=3)
+    started = Pretrainer(config, Events()).student.state_dict()
+    untrained, _ = untrained_like(config)
+    assert started.keys() == untrained.state_dict().keys()
+    for name, value in untrained.state_dict().items():
+        assert torch.equal(value, started[name].cpu()), name
 
 
 def test_a_pretraining_checkpoint_with_a_damaged_config_or_weights_is_one_error_line(shipped, tmp_path):

@@ -575,3 +575,21 @@ def test_a_second_run_on_a_run_folder_in_use_is_refused_naming_the_holder(synthe
     assert lines[0] == f"error: {out}: the run folder is in use by another training process " \
                        f"(pid {os.getpid()} on {socket.gethostname()})"
     assert os.listdir(out) == [".lock"]
+
+
+def test_the_held_out_case_is_the_mean_of_the_fine_voxels_each_coarse_voxel_covers():
+    """The evaluation dataset's held-out template is put on its 1.5 mm tissue grid by block means
+    of its 0.5 mm T1 (as the real pair: the coarse x axis flipped, centres on fine centres)."""
+    from voco.data.brain_tissue import _block_mean_on_grid
+
+    fine_values = np.random.default_rng(0).random((12, 9, 9)).astype(np.float32)
+    fine = nib.Nifti1Image(fine_values, np.diag([0.5, 0.5, 0.5, 1.0]))
+    coarse = np.array([[-1.5, 0, 0, 4.0], [0, 1.5, 0, 0.5], [0, 0, 1.5, 0.5], [0, 0, 0, 1]])  # x flipped
+    sampled = _block_mean_on_grid(fine, coarse, (3, 3, 3))
+    # coarse (i, j, k) has its centre on fine voxel (8 - 3i, 1 + 3j, 1 + 3k) and covers +-1 around it
+    for i, j, k in np.ndindex(3, 3, 3):
+        x, y, z = 8 - 3 * i, 1 + 3 * j, 1 + 3 * k
+        block = fine_values[x - 1:x + 2, y - 1:y + 2, z - 1:z + 2]
+        assert sampled[i, j, k] == pytest.approx(block.mean(), rel=1e-5)
+    with pytest.raises(ValueError, match="whole multiple"):
+        _block_mean_on_grid(fine, np.diag([0.7, 0.7, 0.7, 1.0]), (3, 3, 3))

@@ -12,6 +12,7 @@ if small, test of generalisation. (The two protocols themselves agree only to Di
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -25,6 +26,7 @@ from ..layout import write_json
 from .sample_data import fetch
 
 LABEL_NAMES = {1: "grey matter", 2: "white matter"}
+HELDOUT_CASE = "template-15mm"  # the held-out case's name in the evaluation dataset
 CLOSING_RADIUS_MM = 7  # fills sulci and lateral ventricles, keeps the skull out
 
 
@@ -45,6 +47,45 @@ def write_training_dataset(folder: str | Path) -> Path:
                "training": [{"image": "./imagesTr/mni152.nii.gz", "label": "./labelsTr/mni152.nii.gz"}]}
     write_json(dataset, folder / "dataset.json")
     return folder / "dataset.json"
+
+
+def write_evaluation_dataset(folder: str | Path) -> Path:
+    """The training case plus the held-out one, for ``voco evaluate --test-cases template-15mm``;
+    returns dataset.json. The held-out case is on its tissue maps' own 1.5 mm grid: each voxel of
+    the image is the mean of the 3 x 3 x 3 voxels of the 0.5 mm T1 it covers, and its label is the
+    most probable tissue, so no label is interpolated."""
+    folder = Path(folder)
+    training = write_training_dataset(folder)
+    tissue = nib.load(str(fetch("brain-tissue-15mm")))
+    image = _block_mean_on_grid(nib.load(str(fetch("brain-t1-05mm"))), tissue.affine, tissue.shape[:3])
+    probabilities = np.asarray(tissue.dataobj, dtype=np.float32)  # (X, Y, Z, [grey, white, other])
+    labels = np.argmax(probabilities[..., [2, 0, 1]], axis=-1).astype(np.uint8)
+    _save(nib.Nifti1Image(image, tissue.affine), folder / "imagesTr" / f"{HELDOUT_CASE}.nii.gz")
+    _save(nib.Nifti1Image(labels, tissue.affine), folder / "labelsTr" / f"{HELDOUT_CASE}.nii.gz")
+    dataset = json.loads(training.read_text())
+    dataset["name"] = "brain tissue (MNI152 2009a; deepmriprep template held out)"
+    dataset["training"].append({"image": f"./imagesTr/{HELDOUT_CASE}.nii.gz", "label": f"./labelsTr/{HELDOUT_CASE}.nii.gz"})
+    write_json(dataset, training)
+    return training
+
+
+def _block_mean_on_grid(fine: nib.Nifti1Image, affine: np.ndarray, shape) -> np.ndarray:
+    """The fine image averaged over each voxel of a coarser grid whose voxel centres are fine
+    voxel centres and whose spacing is a whole multiple of the fine one."""
+    to_fine = np.linalg.inv(fine.affine) @ affine
+    scale = np.abs(np.diag(to_fine[:3, :3]))
+    factor = scale.round().astype(int)
+    if not np.allclose(to_fine[:3, :3], np.diag(np.diag(to_fine[:3, :3]))) or not np.allclose(scale, factor) \
+            or len(set(factor)) != 1:
+        raise ValueError("the coarse grid is not an axis-aligned whole multiple of the fine one")
+    values = torch.from_numpy(np.asarray(fine.dataobj, dtype=np.float32))[None, None]
+    means = F.avg_pool3d(values, factor[0], stride=1, padding=factor[0] // 2, count_include_pad=False)[0, 0]
+    indices = np.indices(shape).reshape(3, -1)
+    centres = (to_fine[:3, :3] @ indices + to_fine[:3, 3:]).round().astype(int)
+    inside = np.all((centres >= 0) & (centres < np.array(fine.shape)[:, None]), axis=0)
+    sampled = np.zeros(indices.shape[1], dtype=np.float32)
+    sampled[inside] = means.numpy()[tuple(centres[:, inside])]
+    return sampled.reshape(shape)
 
 
 def write_heldout_reference(path: str | Path) -> tuple[Path, Path]:

@@ -577,5 +577,7 @@ def test_the_flag_compares_dice_on_unseen_cases_once_the_new_version_has_some(tm
     assert entries[1].title == ("m v2 — Dice on unseen cases 0.650 (n=1), held-out validation Dice 0.900 (n=1) — "
                                 "worse than v1: Dice on unseen cases 0.650 < 0.700")
     assert [e.current for e in entries] == [False, True]
-    annotate(entries, [], {"m": "1"})
+    annotate(entries, [], {"m": ("1", "2")})  # rolled back from 2 to 1
     assert [e.current for e in entries] == [True, False] and entries[1].worse == ""
+    annotate(entries + [ModelEntry("m", "3", "segmentation", True, "/m3")], [], {"m": ("1", "2")})
+    assert [e.current for e in entries] == [False, False]  # a newer version (3) is current again

@@ -27,9 +27,10 @@ was fine-tuned from (its card's ``training.parent``, else the version before it)
 With few cases these are noisy comparisons; n goes with every figure so the user can judge.
 
 The current version of each model (``CurrentVersions``) is the one segmentation selects and the
-next fine-tune starts from: the newest, until the user rolls back to an earlier one. The choice is
-kept in the runs workspace (``current-versions.json``), which both modules and VoCo Studio share,
-so it outlives the session; rolling back deletes nothing.
+next fine-tune starts from: the newest, until the user rolls back to an earlier one, and again the
+newest once a version newer than those of the roll-back appears (whichever module fine-tuned it).
+The choice is kept in the runs workspace (``current-versions.json``), which both modules and VoCo
+Studio share, so it outlives the session; rolling back deletes nothing.
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def worse_than_parent(entry, parent, scores: dict) -> str:
 
 def annotate(entries: list, cases: list[dict], current: dict) -> None:
     """Fill in each entry's Dice on unseen cases, flag and whether it is current (``current``:
-    name -> the version chosen; otherwise a model's newest version is current). ``entries`` are
-    in ``merge_entries`` order."""
+    name -> (the version rolled back to, the newest version then); otherwise, or once a newer
+    version is listed, a model's newest version is current). ``entries`` are in ``merge_entries`` order."""
     scores = unseen_scores(cases)
     by_key = {entry.key: entry for entry in entries}
     for entry in entries:
@@ -122,8 +123,9 @@ def annotate(entries: list, cases: list[dict], current: dict) -> None:
     for entry in entries:
         parent = by_key.get((entry.name, entry.parent_version)) if entry.parent_version else None
         entry.worse = worse_than_parent(entry, parent, scores)
-        chosen = current.get(entry.name)
-        if chosen not in {e.version for e in entries if e.name == entry.name and e.usable}:
+        chosen, newest_then = current.get(entry.name, (None, None))
+        listed = {e.version for e in entries if e.name == entry.name and e.usable}
+        if chosen not in listed or newest_then != newest.get(entry.name):
             chosen = newest.get(entry.name)
         entry.current = entry.usable and entry.version == chosen
 
@@ -159,28 +161,30 @@ def version_row(entry) -> VersionRow:
 
 
 class CurrentVersions:
-    """``{model name: version}`` chosen by rolling back, in ``<runs workspace>/current-versions.json``;
-    the last one set is the model selected when a session starts."""
+    """``{model name: [version rolled back to, newest version then]}`` in
+    ``<runs workspace>/current-versions.json``; the last one set is the model a session starts with."""
 
     def __init__(self, folder):
         self.path = Path(folder) / CURRENT_FILE
 
-    def read(self) -> dict[str, str]:
+    def read(self) -> dict[str, tuple[str, str]]:
         try:
             values = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
-        return {str(k): str(v) for k, v in values.items()} if isinstance(values, dict) else {}
+        if not isinstance(values, dict):
+            return {}
+        return {str(name): (str(pair[0]), str(pair[1])) for name, pair in values.items()
+                if isinstance(pair, list) and len(pair) == 2}
 
-    def set(self, name: str, version: str) -> None:
-        values = self.read()
-        values.pop(name, None)
-        values[name] = version  # last: the model a new session selects
+    def set(self, name: str, version: str, newest: str) -> None:
+        values = {key: list(pair) for key, pair in self.read().items() if key != name}
+        values[name] = [version, newest]  # last: the model a new session selects
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".tmp-{self.path.name}")
         tmp.write_text(json.dumps(values, indent=1), encoding="utf-8")
         os.replace(tmp, self.path)  # a crash leaves the previous choice whole
 
-    def last(self) -> tuple[str, str] | None:
-        values = self.read()
-        return next(reversed(values.items()), None)
+    def last(self) -> str | None:
+        """The model rolled back most recently."""
+        return next(reversed(self.read()), None)

@@ -231,9 +231,9 @@ class SegmentationSession(Session):
         entry = next((m for m in self.state.segmentation_models if m.spec == spec), None)
         if entry is None:
             raise ValueError(f"not a version in the model list: {spec}")
-        self.current_versions.set(entry.name, entry.version)
-        self._annotate()
         versions = self.versions(entry.name)
+        self.current_versions.set(entry.name, entry.version, versions[-1].version)
+        self._annotate()
         later = [f"v{m.version}" for m in versions[versions.index(entry) + 1:]]
         self.state.status = (f"{entry.name} v{entry.version} is the current version"
                              + (f"; {', '.join(later)} kept" if later else ""))
@@ -313,8 +313,8 @@ class SegmentationSession(Session):
     def _models_listed(self) -> None:
         self._annotate()
         if self._select is None and not self._listed_once:
-            last = self.current_versions.last()  # the version rolled back to (or made) in an earlier session
-            chosen = next((m for m in self.state.segmentation_models if last and m.key == last), None)
+            last = self.current_versions.last()  # rolled back in an earlier session: its current version
+            chosen = next((m for m in self.state.segmentation_models if m.name == last and m.current), None)
             self._select = chosen.spec if chosen is not None else None
         self._listed_once = True
         if self._select is not None:
@@ -370,8 +370,6 @@ class SegmentationSession(Session):
             self._fail(job.error or "the import failed")
             return
         name, version, path = job.imported.get("name"), job.imported.get("version"), job.imported.get("path")
-        if name and version:
-            self.current_versions.set(name, version)  # the newest is current, also after a roll-back
         self.state.status = self._announce = f"new model {name} v{version}"
         self._select = path
         self.refresh_models()

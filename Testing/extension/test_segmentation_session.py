@@ -366,7 +366,7 @@ def corrected_case(shape, seed):
     return case(shape, seed)
 
 
-def test_add_finetune_and_the_new_version_with_its_dice_next_to_the_old(mrml, home, package, tmp_path, engine, clock):
+def test_add_finetune_and_the_new_version_with_its_held_out_validation_dice(mrml, home, package, tmp_path, engine, clock):
     from VoCoCommonLib.runs import FINETUNE
 
     session = new_session(tmp_path, engine)

@@ -486,8 +486,7 @@ def test_an_added_case_scores_the_version_that_made_it_then_versions_roll_back_a
 
     from voco.data.sources import list_labelled_cases
 
-    session = new_session(tmp_path, engine)
-    ready(session)
+    session = new_session(tmp_path, engine)  # no probe needed: the import lists the models
     selected = []
     session.modelSelected.connect(selected.append)
     v1 = import_and_select(session, toy_engine, selected)

@@ -402,6 +402,8 @@ class SegmentationSession(Session):
             move_into(result, job.output_node, job.volume_node)
         job.node = result.node
         model = job.result.sidecar.get("model") or {}
+        scene = result.node.GetScene()  # a label map per node is memory: none for nodes deleted since
+        self._produced = {node_id: made for node_id, made in self._produced.items() if scene.GetNodeByID(node_id)}
         self._produced[result.node.GetID()] = Produced(
             str(model.get("name")), str(model.get("version")), job.result.labels,
             {int(label["value"]): str(label["name"]) for label in job.result.sidecar.get("labels", [])},

@@ -112,7 +112,7 @@ class SegmentationSession(Session):
         self.temp_root = temp_root
         self.resultReady, self.modelSelected = Signal(), Signal()
         self._pending: list[Job] = []         # segmentations queued behind it (compare versions), not started
-        self._finetune: dict | None = None    # {"run", "base"} while a fine-tuning run goes on
+        self._finetune: dict | None = None    # {"run"} while a fine-tuning run goes on
         self._auto = None                     # (every, model, steps, device) for automatic fine-tuning
         self._select = None                   # a new version's spec, selected once the model list has it
         self._announce = None                 # the status line for that new version, said with its measures

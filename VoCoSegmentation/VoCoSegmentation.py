@@ -1,5 +1,6 @@
 """VoCo Segmentation: segment a volume with a VoCo model, correct it, add it to the training set,
-fine-tune the model on the collected cases and see whether its validation Dice improves.
+fine-tune the model on the collected cases and see whether it improves on cases it never saw;
+roll back to an earlier version when it did not.
 
 The widget is a view of ``VoCoSegmentationLib.session.SegmentationSession`` (Qt-free, tested
 on slicer-core): each handler reads the inputs from the parameter node, calls the session once,
@@ -58,8 +59,11 @@ abdominal and thoracic structures and lesions in CT; downloaded on first use, or
 file), or a model fine-tuned here. The engine runs in a separate process: Slicer stays
 responsive and <b>Apply</b> turns into <b>Cancel</b> while it works. The result is a segmentation
 with named, coloured and coded segments beside the input volume. Correct it with Segment Editor,
-then <b>Add to training set</b> and <b>Fine-tune</b>: the model list shows each version's
-validation Dice next to the previous one's.
+then <b>Add to training set</b> (the version that made it is scored against your correction
+first: its Dice on a case it never saw) and <b>Fine-tune</b>. The versions table shows each
+version's Dice on such unseen cases, its Dice on cases held out of its fine-tuning, and flags a
+version that did worse than the one it started from; <b>Roll back to this version</b> makes the
+selected one current again (later versions are kept).
 See the <a href="https://github.com/voco-slicer/SlicerVoCo#3d-slicer-extension">documentation</a>.
 """)
         self.parent.acknowledgementText = acknowledgementText()
@@ -108,6 +112,7 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._shownModels = None   # what the combo boxes show, so they are rebuilt only when it changes
+        self._shownVersions = None  # the versions table's rows
         self._shownDevices = None
         self._shownLogLines = 0
 
@@ -142,6 +147,8 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showIn3DButton.connect("clicked(bool)", self.onShowIn3D)
         self.ui.addToTrainingSetButton.connect("clicked(bool)", self.onAddToTrainingSet)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
+        self.ui.rollBackButton.connect("clicked(bool)", self.onRollBack)
+        self.ui.modelsTableWidget.connect("itemSelectionChanged()", self.showState)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
 
@@ -219,6 +226,7 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainingSetLabel.text = _("Training set: {count} case(s) in {folder}").format(
             count=state.training_set_count, folder=self.session.training_set.folder)
         self._showModels(state.segmentation_models, state.models_loading)
+        self._showVersions()
         self._showDevices(state.devices)
         self._shownLogLines = showLog(self.ui.logTextEdit, self.session.log, self._shownLogLines)
 
@@ -229,14 +237,27 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shownModels = shown
         self.onModelSelected(showChoices(self.ui.modelComboBox, shown, self._parameterNode.model if self._parameterNode
                                          else ""))
+
+    def _showVersions(self) -> None:
+        rows = self.session.version_rows()
         table = self.ui.modelsTableWidget
-        table.setRowCount(len(models))
-        for row, entry in enumerate(models):
-            dice = f"{entry.dice:.3f}" if entry.dice is not None else "—"
-            if entry.previous_dice is not None:
-                dice += f" (v{entry.previous_version}: {entry.previous_dice:.3f})"
-            for column, text in enumerate((entry.name, str(entry.version), dice)):
-                table.setItem(row, column, qt.QTableWidgetItem(text))
+        if rows != self._shownVersions:
+            self._shownVersions = rows
+            table.setRowCount(len(rows))
+            for row, version in enumerate(rows):
+                texts = (version.name, version.version, version.unseen, version.validation, version.note)
+                for column, text in enumerate(texts):
+                    table.setItem(row, column, qt.QTableWidgetItem(text))
+        button = self.session.roll_back_button(self._selectedVersion())
+        self.ui.rollBackButton.enabled = button.enabled
+        self.ui.rollBackButton.toolTip = button.tooltip
+
+    def _selectedVersion(self):
+        """The spec of the version selected in the versions table, if any."""
+        row = self.ui.modelsTableWidget.currentRow()
+        rows = self._shownVersions or []
+        selected = self.ui.modelsTableWidget.selectedItems()
+        return rows[row].spec if selected and 0 <= row < len(rows) else None
 
     def _showDevices(self, devices) -> None:
         shown = [(d.id, d.title) for d in devices]
@@ -309,6 +330,10 @@ class VoCoSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.session.stop_finetuning()
             else:
                 self.session.finetune(self.session.model(p.model) or p.model, steps=p.finetuneSteps, device=p.device)
+
+    def onRollBack(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to roll back.")):
+            self.session.roll_back(self._selectedVersion())
 
     def onInstallDependencies(self) -> None:
         environment = self.session.state.environment

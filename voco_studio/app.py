@@ -97,11 +97,6 @@ def whole_number(value, what: str, minimum: int = 1) -> int:
     return number
 
 
-def dice_suffix(dice: float | None) -> str:
-    """`` (Dice 0.853)`` after a model's name, or nothing when it has no validation Dice."""
-    return f" (Dice {dice:.3f})" if dice is not None else ""
-
-
 def layouts() -> dict:
     red, yellow, green = (ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.sagittal_view(),
                           ViewLayoutDefinition.coronal_view())
@@ -427,7 +422,7 @@ class StudioApp(TrameApp):
         self.state.model = spec
         if self._demo_run is not None:
             self._demo_run = None
-            self.state.status_text = f"Demo model ready{dice_suffix(entry.dice if entry else None)}"
+            self.state.status_text = "Demo model ready" + (f": {entry.measures}" if entry and entry.measures else "")
         else:
             self.state.status_text = self.segmentation.state.status
         self._publish()
@@ -550,6 +545,12 @@ class StudioApp(TrameApp):
             self.volume_node, [older.spec, newer.spec], device=self._offered_device(),
             names=[self._result_name(older.spec), self._result_name(newer.spec)]))
         self.state.status_text = f"Comparing {older.version} and {newer.version}"
+        self._publish()
+
+    def roll_back(self, spec):
+        """A versions-table row's button: that version becomes the current one (the session takes only
+        a version of its own model list)."""
+        self._guarded(lambda: self.segmentation.roll_back(spec))
         self._publish()
 
     # --- pretrain workflow ---------------------------------------------------------------------
@@ -683,8 +684,7 @@ class StudioApp(TrameApp):
             installed = [m for m in seg.segmentation_models if m.installed]
             self.state.model = (installed or seg.segmentation_models[:1])[-1].spec
         entry = self.segmentation.model(self.state.model) if self.state.model else None
-        self.state.versions = [{"name": m.name, "version": m.version, "path": m.spec, "dice": m.dice}
-                               for m in (self.segmentation.versions(entry.name) if entry else [])]
+        self.state.versions = [row.to_dict() for row in self.segmentation.version_rows(entry.name)] if entry else []
         self.state.training_set_count = seg.training_set_count
         # One vocabulary on the page: a run that is "done" is "finished" like every other job.
         runs = [{"id": r.name, "kind": r.kind, "state": "finished" if r.state == "done" else r.state,
@@ -814,9 +814,19 @@ class StudioApp(TrameApp):
                      hide_details=True, **tid("finetune-steps-input"))
         v.VBtn("Fine-tune", click=self._cb(self.finetune), size="small", **tid("finetune-button"))
         with html.Table(**tid("versions-table"), classes="text-caption"):
-            with html.Tr(v_for="m in versions", key="m.path", __properties=TESTID, data_testid="version-row"):
+            with html.Tr(v_if="versions.length"):
+                for heading in ("Version", "Dice on unseen cases", "Validation Dice", "Note", ""):
+                    html.Th(heading, classes="px-1")
+            with html.Tr(v_for="m in versions", key="m.spec",
+                         __properties=TESTID + [("data_current", "data-current"), ("data_worse", "data-worse")],
+                         data_testid="version-row", data_current=("m.current",), data_worse=("m.worse",)):
                 html.Td("{{ m.name }} v{{ m.version }}")
-                html.Td("{{ m.dice === null ? '' : 'Dice ' + m.dice.toFixed(3) }}")
+                html.Td("{{ m.unseen }}")
+                html.Td("{{ m.validation }}")
+                html.Td("{{ m.note }}")
+                with html.Td():
+                    v.VBtn("Roll back", click=(self._cb(self.roll_back), "[m.spec]"), disabled=("m.current",),
+                           size="x-small", __properties=TESTID, data_testid="roll-back-button")
         v.VBtn("Compare versions", click=self._cb(self.compare_versions), size="small", **tid("compare-versions-button"))
 
     def _pretrain_panel(self) -> None:

@@ -366,7 +366,7 @@ def corrected_case(shape, seed):
     return case(shape, seed)
 
 
-def test_add_finetune_and_the_new_version_with_its_dice_next_to_the_old(mrml, home, package, tmp_path, engine, clock):
+def test_add_finetune_and_the_new_version_with_its_held_out_validation_dice(mrml, home, package, tmp_path, engine, clock):
     from VoCoCommonLib.runs import FINETUNE
 
     session = new_session(tmp_path, engine)
@@ -377,7 +377,7 @@ def test_add_finetune_and_the_new_version_with_its_dice_next_to_the_old(mrml, ho
     tick_until(session, lambda: selected)
     assert imported.succeeded and imported.imported["name"] == "organs"
     organs = session.model(selected.pop())
-    assert organs is not None and organs.installed and organs.dice == 0.25
+    assert organs is not None and organs.installed and organs.validation.mean == 0.25
     assert not session.buttons(None, organs.spec).finetune.enabled  # no case yet
     for seed in (1, 2):
         volume, segmentation, *_ = corrected_case(SHAPE, seed)
@@ -396,28 +396,28 @@ def test_add_finetune_and_the_new_version_with_its_dice_next_to_the_old(mrml, ho
     assert info.kind == FINETUNE and run.parent == home / "runs"  # the runs workspace both modules share
     tick_until(session, lambda: selected, timeout=600)
     new = session.model(selected[0])
-    assert (new.name, new.version) == ("organs", "2") and new.usable
-    assert new.previous_version == "1" and new.previous_dice == pytest.approx(0.25)
-    assert session.state.status.startswith("new model organs v2, validation Dice ") and "(before: 0.250)" in \
-        session.state.status
+    assert (new.name, new.version, new.parent_version) == ("organs", "2", "1") and new.usable
+    assert new.validation.n == 1 and new.training_case_dice is None  # one of the two cases held out
+    assert session.state.status.startswith("new model organs v2: held-out validation Dice ")
     assert session.state.finetuning is None and session.buttons(None, organs.spec).finetune.text == "Fine-tune"
     assert all(m.needs_finetuning and not m.usable for m in session.state.models if m.kind == "backbone")
 
 
-def test_model_list_marks_backbones_and_puts_dice_next_to_the_previous_version(tmp_path, package):
+def test_model_list_marks_backbones_and_never_calls_the_dice_on_training_cases_plain_dice(tmp_path, package):
     from VoCoCommonLib.models import ModelEntry, entries_from_runs, merge_entries
 
     run = tmp_path / "runs" / "organs-x" / "model"
     run.mkdir(parents=True)
     card_values = json.loads((package / "model.json").read_text())
-    (run / "model.json").write_text(json.dumps({**card_values, "version": "2", "metrics": {"mean_val_dice": 0.5}}))
+    (run / "model.json").write_text(json.dumps({**card_values, "version": "2", "metrics": {
+        "mean_val_dice": 0.5, "on_training_data": True, "val_cases": ["case_0001"]}}))
     entries = merge_entries([ModelEntry("organs", "1", "segmentation", True, str(package),
                                         metrics={"mean_val_dice": 0.25}),
                              ModelEntry("voco-b", "1", "backbone", False)] + entries_from_runs(tmp_path / "runs"))
     titles = [entry.title for entry in entries]
-    assert titles == ["organs v1 — Dice 0.250", "organs v2 — Dice 0.500 (v1: 0.250)",
+    assert titles == ["organs v1 — validation Dice 0.250", "organs v2 — Dice on its training cases 0.500 (n=1)",
                       "voco-b v1 — backbone, fine-tune first"]
-    assert entries[1].spec == str(run)
+    assert entries[1].spec == str(run) and entries[1].parent_version == "1"
 
 
 def test_fine_tuned_names_follow_the_model(tmp_path, package):
@@ -456,3 +456,127 @@ def test_rotated_roi_under_a_transform_becomes_its_world_bounding_box(mrml):
     volume.SetAndObserveTransformNodeID(transform.GetID())
     np.testing.assert_allclose(roi_ras_box(roi, volume), (-half, -half, -5, half, half, 5), atol=1e-9)
     assert roi_argument(roi) == ["--roi-ras=" + ",".join(f"{v:.4f}" for v in roi_ras_box(roi))]
+
+
+# --- what each version is measured to do, roll-back and the flag ------------------------------------
+
+def next_version_of(package: Path, folder: Path, version: str, metrics: dict) -> Path:
+    """``package`` as a fine-tune of itself would be: the same weights, ``version``, its parent
+    the version it copies, and the card's ``metrics``."""
+    import shutil
+
+    shutil.copytree(package, folder)
+    card = json.loads((folder / "model.json").read_text())
+    card.update(version=version, metrics=metrics,
+                training={"parent": {"name": card["name"], "version": card["version"]}})
+    (folder / "model.json").write_text(json.dumps(card))
+    return folder
+
+
+def import_and_select(session, package, selected):
+    job = session.import_model(package)
+    tick_until(session, lambda: job.finished and selected)
+    assert job.succeeded, job.error
+    return session.model(selected.pop())
+
+
+def test_an_added_case_scores_the_version_that_made_it_then_versions_roll_back_and_a_worse_one_is_flagged(
+        mrml, home, toy_engine, tmp_path, engine, clock):
+    import slicer
+
+    from voco.data.sources import list_labelled_cases
+
+    session = new_session(tmp_path, engine)  # no probe needed: the import lists the models
+    selected = []
+    session.modelSelected.connect(selected.append)
+    v1 = import_and_select(session, toy_engine, selected)
+    assert (v1.name, v1.version, v1.current) == ("sphere-model", "1", True)
+
+    # Segment with v1, correct the result (a slab of it erased), add it: v1 is scored on the correction.
+    volume, _ = sphere_volume()
+    job = session.segment(volume, v1.spec, device="cpu")
+    tick_until(session, lambda: job.finished)
+    node, segment_id = job.node, job.node.GetSegmentation().GetNthSegmentID(0)
+    produced = segment_array(node, segment_id, volume) > 0
+    corrected = produced.copy()
+    corrected[:, :, :8] = False
+    slicer.util.updateSegmentBinaryLabelmapFromArray(corrected.astype(np.uint8).transpose(2, 1, 0).copy(), node,
+                                                     segment_id, volume)
+    expected = dice(produced, corrected)
+    assert 0.3 < expected < 0.95
+    added = clock.measure("add", session.add_to_training_set, volume, node, v1.spec)
+    tick_until(session, lambda: added.finished)
+    assert added.succeeded, added.error
+    assert session.state.status == (f"added case_0001 to the training set; sphere-model v1 had Dice {expected:.3f} "
+                                    "on it (before training on it)")
+    dataset = json.loads(session.training_set.dataset_json.read_text())
+    (entry,) = dataset["training"]
+    assert entry["unseen_dice"]["model"] == "sphere-model" and entry["unseen_dice"]["version"] == "1"
+    assert entry["unseen_dice"]["dice"] == {"sphere": pytest.approx(expected)}
+    assert entry["unseen_dice"]["mean_dice"] == pytest.approx(expected)
+    assert len(list_labelled_cases(session.training_set.dataset_json)) == 1  # voco finetune still reads it
+
+    # A case drawn by hand has no score.
+    hand = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn by hand")
+    hand_id = hand.GetSegmentation().AddEmptySegment("s", "sphere")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(corrected.astype(np.uint8).transpose(2, 1, 0).copy(), hand,
+                                                     hand_id, volume)
+    added = session.add_to_training_set(volume, hand, v1.spec)
+    tick_until(session, lambda: added.finished)
+    assert session.state.status == "added case_0002 to the training set"
+    assert "unseen_dice" not in json.loads(session.training_set.dataset_json.read_text())["training"][1]
+
+    (row,) = session.version_rows("sphere-model")
+    assert (row.unseen, row.validation, row.note, row.current) == (f"{expected:.3f} (n=1)", "—", "current", True)
+    assert session.model(v1.spec).title == f"sphere-model v1 — Dice on unseen cases {expected:.3f} (n=1)"
+
+    # v2, fine-tuned from v1, is worse on the case held out of its training than v1 was on it: flagged.
+    v2_package = next_version_of(toy_engine, tmp_path / "v2", "2", {"mean_val_dice": expected - 0.1,
+                                                                    "on_training_data": False,
+                                                                    "val_cases": ["case_0001"]})
+    v2 = import_and_select(session, v2_package, selected)
+    flag = f"worse than v1: held-out validation Dice {expected - 0.1:.3f} < {expected:.3f} on the same cases"
+    assert (v2.version, v2.parent_version, v2.worse, v2.current) == ("2", "1", flag, True)
+    held_out = f"held-out validation Dice {expected - 0.1:.3f} (n=1)"
+    assert session.state.status == f"new model sphere-model v2: {held_out}: {flag}"
+    rows = session.version_rows("sphere-model")
+    assert [(r.version, r.validation, r.note, r.worse) for r in rows] == [
+        ("1", "—", "", False), ("2", f"{expected - 0.1:.3f} (held out, n=1)", f"current; {flag}", True)]
+    assert not session.roll_back_button(v2.spec).enabled and session.roll_back_button(v1.spec).enabled
+
+    # Roll back: v1 is current and selected, v2 is kept; a new session starts with v1.
+    session.roll_back(v1.spec)
+    assert selected == [v1.spec] and session.state.status == "sphere-model v1 is the current version; v2 kept"
+    assert [(r.version, r.current) for r in session.version_rows("sphere-model")] == [("1", True), ("2", False)]
+    later = new_session(tmp_path, engine)
+    chosen = []
+    later.modelSelected.connect(chosen.append)
+    later.refresh_models()
+    tick_until(later, lambda: not later.state.models_loading)
+    assert chosen == [v1.spec] and len(later.versions("sphere-model")) == 2
+    with pytest.raises(ValueError, match="not a version in the model list"):
+        session.roll_back(str(tmp_path / "somewhere-else"))
+
+
+def test_the_flag_compares_dice_on_unseen_cases_once_the_new_version_has_some(tmp_path):
+    from VoCoCommonLib.models import ModelEntry, merge_entries
+    from VoCoCommonLib.versions import annotate
+
+    def cases(*scores):
+        return [{"case_id": f"case_{n:04d}", "unseen_dice": {"model": "m", "version": version, "mean_dice": value}}
+                for n, (version, value) in enumerate(scores, 1)]
+
+    held_out = {"mean_val_dice": 0.9, "on_training_data": False, "val_cases": ["case_0009"]}
+    entries = merge_entries([ModelEntry("m", "1", "segmentation", True, "/m1"),
+                             ModelEntry("m", "2", "segmentation", True, "/m2", metrics=held_out)])
+    annotate(entries, cases(("1", 0.8), ("1", 0.6)), {})
+    assert entries[1].worse == ""  # held out 0.9 against v1's 0.7 on unseen cases
+    annotate(entries, cases(("1", 0.8), ("1", 0.6), ("2", 0.65)), {})
+    assert entries[1].worse == "worse than v1: Dice on unseen cases 0.650 < 0.700"  # its own unseen cases decide
+    assert entries[1].title == ("m v2 — Dice on unseen cases 0.650 (n=1), held-out validation Dice 0.900 (n=1) — "
+                                "worse than v1: Dice on unseen cases 0.650 < 0.700")
+    assert [e.current for e in entries] == [False, True]
+    annotate(entries, [], {"m": ("1", "2")})  # rolled back from 2 to 1
+    assert [e.current for e in entries] == [True, False] and entries[1].worse == ""
+    annotate(entries + [ModelEntry("m", "3", "segmentation", True, "/m3")], [], {"m": ("1", "2")})
+    assert [e.current for e in entries] == [False, False]  # a newer version (3) is current again

@@ -8,8 +8,10 @@ conversion the user asks for; it is measured and reported)."""
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -194,6 +196,31 @@ def test_segmentation_widget_runs_every_handler_and_ends_idle(slicer_gui, engine
     wait_for(lambda: session.state.finetuning is None, what="the stopped fine-tuning run")
     assert ui.finetuneButton.text == "Fine-tune" and "fine-tuning stopped" in ui.statusLabel.text
 
+    # the versions table: what each version was measured to do; roll back to the selected row
+    table = ui.modelsTableWidget
+    assert [table.horizontalHeaderItem(c).text() for c in range(table.columnCount)] == [
+        "Model", "Version", "Dice on unseen cases", "Validation Dice", "Note"]
+    organs_row = [table.item(r, 0).text() for r in range(table.rowCount)].index("organs")
+    assert table.item(organs_row, 2).text().endswith("(n=1)")  # scored on the case it made, before training on it
+    assert table.item(organs_row, 3).text() == "0.400" and table.item(organs_row, 4).text() == "current"
+    version_2 = tmp_path / "sphere-model-2"
+    shutil.copytree(toy / "package", version_2)
+    card = json.loads((version_2 / "model.json").read_text())
+    (version_2 / "model.json").write_text(json.dumps({**card, "version": "2"}))
+    pythonqt.FileDialogs.answers = [str(version_2 / "model.json")]
+    click(ui.importModelButton)
+    wait_for(lambda: table.rowCount == 3, what="sphere-model v2 in the table")
+    rows = [(table.item(r, 0).text(), table.item(r, 1).text(), table.item(r, 4).text()) for r in range(3)]
+    assert rows == [("organs", "1", "current"), ("sphere-model", "1", ""), ("sphere-model", "2", "current")]
+    table.selectRow(2)
+    assert not ui.rollBackButton.enabled and "current version" in ui.rollBackButton.toolTip
+    table.selectRow(1)
+    assert ui.rollBackButton.enabled
+    click(ui.rollBackButton)
+    assert ui.statusLabel.text == "sphere-model v1 is the current version; v2 kept"
+    assert widget._parameterNode.model == session.versions("sphere-model")[0].spec  # selected for segmentation
+    assert ui.modelComboBox.currentText.startswith("sphere-model v1") and table.item(1, 4).text() == "current"
+
     click(ui.refreshModelsButton)
     wait_for(lambda: not session.state.models_loading, what="the model list")
     click(ui.installDependenciesButton)
@@ -295,8 +322,9 @@ def test_a_new_users_first_run_segments_a_ct_with_vocomni_then_fine_tunes_it(sli
     wait_for(lambda: not session.state.models_loading and len(session.versions("vocomni-b")) == 2,
              what="the new version in the list")
     newer = session.versions("vocomni-b")[-1]
-    assert (newer.version, newer.previous_version) == ("2", "1.0")
-    assert any(text.startswith("vocomni-b v2 — Dice ") for text in combo_items(ui.modelComboBox))
+    assert (newer.version, newer.parent_version) == ("2", "1.0")
+    # one case: its Dice is on the case it trained on, and says so
+    assert any(text.startswith("vocomni-b v2 — Dice on its training cases ") for text in combo_items(ui.modelComboBox))
     for module in (widget, pretrain):
         pythonqt.CLOCK.measure("cleanup", module.cleanup)
     assert [label for label, _ in pythonqt.CLOCK.errors] == []

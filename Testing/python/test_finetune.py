@@ -406,6 +406,15 @@ def test_the_next_version_of_an_imported_model_by_name(synthetic, tmp_path, monk
     assert read_package(tmp_path / "run" / "model").card.version == "4"
 
 
+def test_the_next_version_after_a_roll_back_skips_the_versions_kept():
+    from voco.training.finetune import next_version
+
+    assert next_version("2", ["1", "2"]) == "3"
+    assert next_version("1.0", []) == "2"              # after a published 1.0
+    assert next_version("1", ["1", "2", "3"]) == "4"   # rolled back to 1: 2 and 3 are kept, not overwritten
+    assert next_version("a1b2c3", []) == "1"           # a backbone's digest is no version number
+
+
 # --- 6. validation, best and last --------------------------------------------------------------------------
 
 def test_validation_events_best_and_last(synthetic, tmp_path):

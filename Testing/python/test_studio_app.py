@@ -64,7 +64,10 @@ def test_the_demo_model_trains_in_the_background_and_segments_grey_and_white_mat
     import os
 
     assert Path(studio.state.model).is_relative_to(os.environ["VOCO_MODELS_DIR"])  # installed (imported) there
-    assert [v["version"] for v in studio.state.versions] == ["1"] and studio.state.versions[0]["dice"] > 0.5
+    (version,) = studio.state.versions  # one case: its Dice is on the case it trained on, and says so
+    assert version["version"] == "1" and version["validation"].endswith(" (n=1) on its training cases")
+    assert float(version["validation"].split()[0]) > 0.5 and version["unseen"] == "—" and version["current"]
+    assert studio.state.status_text.startswith("Demo model ready: Dice on its training cases ")
     assert studio.state.pretrain_runs == []  # a fine-tuning run is no pretraining run to pick
 
     job_id = studio.run_segmentation()
@@ -91,6 +94,39 @@ def test_the_demo_model_trains_in_the_background_and_segments_grey_and_white_mat
     # shown in 3D as surfaces, with the volume rendering out of their way
     assert studio.segmentation_node.GetSegmentation().ContainsRepresentation("Closed surface")
     assert not studio.slicer_app.volume_rendering.get_vr_display_node(studio.volume_node).GetVisibility()
+
+
+def test_a_case_added_scores_its_version_and_a_row_rolls_back_only_to_a_version_the_server_listed(studio, tmp_path):
+    import json
+    import shutil
+
+    assert studio.segmentation_node is not None  # the demo model's segmentation, uncorrected
+    studio.state.model = studio.segmentation.versions("brain-tissue-demo")[0].spec
+    studio.add_to_training_set()
+    wait_for(studio, lambda: studio.state.training_set_count == 1 and not studio.segmentation.busy)
+    (version_1,) = studio.state.versions
+    assert version_1["unseen"] == "1.000 (n=1)"  # its own segmentation, not corrected: full agreement
+    assert "had Dice 1.000 on it (before training on it)" in studio.segmentation.state.status
+
+    copy = tmp_path / "demo-v2"  # a second version of the demo model, as a fine-tune would make
+    shutil.copytree(version_1["spec"], copy)
+    card = json.loads((copy / "model.json").read_text())
+    (copy / "model.json").write_text(json.dumps({**card, "version": "2"}))
+    studio.segmentation.import_model(copy)
+    wait_for(studio, lambda: len(studio.state.versions) == 2 and studio.state.model != version_1["spec"])
+    assert [(v["version"], v["current"]) for v in studio.state.versions] == [("1", False), ("2", True)]
+    assert set(studio.state.versions[0]) == {"spec", "name", "version", "unseen", "validation", "note", "current",
+                                             "worse"}
+
+    for not_offered in (str(copy), "../../etc", None, {"spec": version_1["spec"]}):
+        studio.roll_back(not_offered)
+        assert studio.state.status_text.startswith("Error: not a version in the model list")
+        assert [v["current"] for v in studio.state.versions] == [False, True]
+    studio.roll_back(version_1["spec"])
+    assert studio.state.model == version_1["spec"]  # selected for segmentation and the next fine-tune
+    assert [(v["version"], v["current"], v["note"]) for v in studio.state.versions] == [("1", True, "current"),
+                                                                                      ("2", False, "")]
+    assert studio.state.status_text == "brain-tissue-demo v1 is the current version; v2 kept"
 
 
 def test_a_cancelled_run_leaves_no_new_node_and_shows_cancelled(studio):
@@ -378,3 +414,4 @@ def test_a_header_declaring_more_voxels_than_its_file_holds_is_refused_before_sl
     with pytest.raises(VocoInputError, match="huge.nii.gz: declares 1500x1500x1500 float32 voxels"):
         studio.load_file(path)
     assert studio.slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes
+

@@ -1,5 +1,6 @@
 """The model list both modules offer: registry entries, installed and imported models, fine-tuned
-versions, each with its validation Dice next to the previous version's.
+versions, each with what it has been measured to do (VoCoCommonLib.versions says what the
+numbers mean and when a version is flagged).
 
 It comes from ``python -m voco models list --progress jsonl`` (``ModelsJob``, in the
 background) plus the model packages of fine-tuning runs in the runs workspace
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from VoCoCommonLib import events as ev
 from VoCoCommonLib.jobs import Job
+from VoCoCommonLib.versions import Measure
 
 
 @dataclass
@@ -28,10 +30,12 @@ class ModelEntry:
     metrics: dict = field(default_factory=dict)
     description: str = ""
     source: str = "registry"  # "registry", "installed" (imported/cached only) or "run" (a local fine-tuning run)
-    previous_version: str | None = None
-    previous_dice: float | None = None
+    parent_version: str | None = None  # the version it was fine-tuned from (its card's), else the one before it
     size_bytes: int | None = None  # of the download, for a registry model not installed yet
     verified: bool = True  # False: no published sha256 vouches for it (only its server's own checksum)
+    unseen: Measure | None = None  # Dice on corrected cases it segmented before training on them (versions.annotate)
+    worse: str = ""  # why it is flagged against its parent, or ""
+    current: bool = False  # the version segmentation selects and the next fine-tune starts from
 
     @property
     def usable(self) -> bool:
@@ -43,9 +47,42 @@ class ModelEntry:
         return self.kind == "backbone"
 
     @property
-    def dice(self) -> float | None:
+    def validation(self) -> Measure | None:
+        """Its card's validation Dice when that was measured on cases held out of its training."""
+        if self._card_dice is None or self.metrics.get("on_training_data") is True:
+            return None
+        cases = self.metrics.get("val_cases")
+        return Measure(self._card_dice, len(cases) if isinstance(cases, list) else None)
+
+    @property
+    def validation_cases(self) -> list[str]:
+        cases = self.metrics.get("val_cases") if isinstance(self.metrics, dict) else None
+        return [str(case) for case in cases] if isinstance(cases, list) else []
+
+    @property
+    def training_case_dice(self) -> Measure | None:
+        """Its card's validation Dice when it was measured on its own training case(s)."""
+        if self._card_dice is None or self.metrics.get("on_training_data") is not True:
+            return None
+        return Measure(self._card_dice, len(self.validation_cases) or None)
+
+    @property
+    def _card_dice(self) -> float | None:
         value = self.metrics.get("mean_val_dice") if isinstance(self.metrics, dict) else None
         return float(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def measures(self) -> str:
+        """What it has been measured to do, e.g. ``Dice on unseen cases 0.812 (n=3), held-out
+        validation 0.790 (n=1)``; the Dice on its training cases only when there is nothing else."""
+        parts = []
+        if self.unseen is not None:
+            parts.append(f"Dice on unseen cases {self.unseen.text()}")
+        if self.validation is not None:
+            parts.append(f"{'held-out ' if self.validation.n else ''}validation Dice {self.validation.text()}")
+        if not parts and self.training_case_dice is not None:
+            parts.append(f"Dice on its training cases {self.training_case_dice.text()}")
+        return ", ".join(parts)
 
     @property
     def spec(self) -> str:
@@ -59,14 +96,14 @@ class ModelEntry:
 
     @property
     def title(self) -> str:
-        """One line for the combo box, e.g. ``liver v2 — Dice 0.871 (v1: 0.802)``."""
+        """One line for the combo box, e.g. ``liver v2 — Dice on unseen cases 0.871 (n=4) — worse than v1: ...``."""
         text = f"{self.name} v{self.version}"
         if self.needs_finetuning:
             text += " — backbone, fine-tune first"
-        elif self.dice is not None:
-            text += f" — Dice {self.dice:.3f}"
-            if self.previous_dice is not None:
-                text += f" (v{self.previous_version}: {self.previous_dice:.3f})"
+        elif self.measures:
+            text += f" — {self.measures}"
+        if self.worse:
+            text += f" — {self.worse}"
         if not self.installed and self.kind == "segmentation":
             text += " — will download" + (f" {self.size_bytes / 1e6:.0f} MB" if self.size_bytes else "")
         return text + self.trust_note
@@ -121,26 +158,53 @@ def entries_from_runs(runs_folder) -> list[ModelEntry]:
             entries.append(ModelEntry(name=str(card["name"]), version=str(card["version"]), kind="segmentation",
                                       installed=True, path=str(card_path.parent), architecture=card.get("architecture"),
                                       labels=list(card.get("labels") or []), metrics=dict(card.get("metrics") or {}),
-                                      description=card.get("description") or "", source="run"))
+                                      description=card.get("description") or "", source="run",
+                                      parent_version=card_parent(card)))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a run still writing its first package, or a damaged one
     return entries
 
 
-def merge_entries(entries: list[ModelEntry]) -> list[ModelEntry]:
-    """Drop duplicates (first wins), order by name then version, and fill in each version's
-    predecessor and its Dice."""
+def merge_entries(entries: list[ModelEntry], parents: dict | None = None) -> list[ModelEntry]:
+    """Drop duplicates (first wins), order by name then version, and fill in each version's parent:
+    the one its card says it was fine-tuned from (``parents``: (name, version) -> version), else the
+    version before it."""
     unique: dict[tuple[str, str], ModelEntry] = {}
     for entry in entries:
         unique.setdefault(entry.key, entry)
     ordered = sorted(unique.values(), key=lambda e: (e.name.lower(), _version_key(e.version)))
+    parents = parents or {}
     previous: dict[str, ModelEntry] = {}
     for entry in ordered:
         before = previous.get(entry.name)
-        if before is not None:
-            entry.previous_version, entry.previous_dice = before.version, before.dice
+        entry.parent_version = entry.parent_version or parents.get(entry.key) or (before.version if before else None)
         previous[entry.name] = entry
     return ordered
+
+
+def card_parent(card: dict) -> str | None:
+    """The version of the same model a card says it was fine-tuned from, if any."""
+    training = card.get("training") if isinstance(card, dict) else None
+    parent = training.get("parent") if isinstance(training, dict) else None
+    if isinstance(parent, dict) and parent.get("name") == card.get("name") and parent.get("version") is not None:
+        return str(parent["version"])
+    return None
+
+
+def installed_parents(models_dir) -> dict[tuple[str, str], str]:
+    """(name, version) -> parent version, from the cards of the installed packages
+    (``<models>/<name>/<version>/model.json``)."""
+    parents = {}
+    folder = Path(models_dir) if models_dir else None
+    for card_path in sorted(folder.glob("*/*/model.json")) if folder is not None and folder.is_dir() else []:
+        try:
+            card = json.loads(card_path.read_text(encoding="utf-8"))
+            parent = card_parent(card)
+            if parent is not None:
+                parents[(str(card["name"]), str(card["version"]))] = parent
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a damaged card: the version before it stands in for its parent
+    return parents
 
 
 def _version_key(version: str):
@@ -153,13 +217,14 @@ class ModelsJob(Job):
 
     def __init__(self, client, runs_folder=None):
         super().__init__("models", lambda: client.voco(["models", "list"]), status="listing models",
-                         load=lambda: entries_from_runs(runs_folder))
+                         load=lambda: (entries_from_runs(runs_folder), installed_parents(client.settings.models_dir)))
 
     def models(self) -> list[ModelEntry]:
         listed = [e for e in self.events if e.get("event") == ev.MODELS]
         if not self.succeeded or not listed:
             raise RuntimeError(f"could not list models: {self.error or 'no answer from the engine'}")
-        return merge_entries(entries_from_event(listed[-1]) + self.result)
+        from_runs, parents = self.result
+        return merge_entries(entries_from_event(listed[-1]) + from_runs, parents)
 
 
 def latest_version(entries: list[ModelEntry], name: str) -> ModelEntry | None:

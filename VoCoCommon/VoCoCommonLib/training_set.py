@@ -4,9 +4,15 @@ A folder in the MSD layout::
 
     dataset.json          {"name", "description", "labels": {"0": "background", "1": "liver", ...},
                            "numTraining", "training": [{"image": "./imagesTr/case_0001.nrrd",
-                                                        "label": "./labelsTr/case_0001.nrrd"}, ...]}
+                                                        "label": "./labelsTr/case_0001.nrrd",
+                                                        "unseen_dice": {...}}, ...]}
     imagesTr/case_0001.nrrd   the image on its own grid (LPS NRRD)
     labelsTr/case_0001.nrrd   the corrected label map on the same grid
+
+``unseen_dice`` (only for a case whose segmentation a model made): how the model version that
+made it did against the correction, before any training on it: ``{"model", "version", "dice":
+{label name: Dice}, "mean_dice"}`` (VoCoCommonLib.versions). ``voco finetune`` reads only
+``image`` and ``label``.
 
 Adding a case has two halves: ``snapshot`` reads the scene (the GUI thread: the label values, in
 one export of all segments, and a view of the image's voxels) and ``write`` compresses and stores
@@ -28,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .versions import SCORE_KEY
 from .volumes import check_scalar_volume, fsync_file, ijk_to_ras, label_array_from_segmentation, write_nrrd
 
 DATASET_JSON = "dataset.json"
@@ -117,8 +124,9 @@ class TrainingSet:
         return CaseSnapshot(image=image, labels=label_array, ijk_to_ras=ijk_to_ras(volume_node),
                             names={value: name for name, value in values.values()})
 
-    def write(self, case: CaseSnapshot) -> str:
-        """Write a snapshot as the next case; returns its id."""
+    def write(self, case: CaseSnapshot, score: dict | None = None) -> str:
+        """Write a snapshot as the next case, with the ``unseen_dice`` score of the model version
+        that segmented it, if any; returns its id."""
         with self._write_lock:
             dataset = self.read()
             self.remove_orphans(dataset)
@@ -129,7 +137,8 @@ class TrainingSet:
             for value, name in case.names.items():
                 dataset["labels"][str(value)] = name
             dataset["labels"] = {k: dataset["labels"][k] for k in sorted(dataset["labels"], key=int)}
-            dataset["training"].append({"image": f"./{IMAGES}/{case_id}.nrrd", "label": f"./{LABELS}/{case_id}.nrrd"})
+            entry = {"image": f"./{IMAGES}/{case_id}.nrrd", "label": f"./{LABELS}/{case_id}.nrrd"}
+            dataset["training"].append({**entry, SCORE_KEY: score} if score else entry)
             dataset["numTraining"] = len(dataset["training"])
             self._atomic(self.dataset_json,
                          lambda tmp: tmp.write_text(json.dumps(dataset, indent=1), encoding="utf-8"))

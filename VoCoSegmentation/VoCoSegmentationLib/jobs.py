@@ -63,14 +63,12 @@ class SegmentJob(Job):
 
 
 class ImportJob(Job):
-    """``voco models import PATH`` (a package folder, .zip or checkpoint); ``imported`` names the
-    result. After fine-tuning, ``dice`` and ``base`` (the model it started from) go with it."""
+    """``voco models import PATH`` (a package folder, .zip or checkpoint); ``imported`` names the result."""
 
-    def __init__(self, client, path, dice: float | None = None, base=None):
+    def __init__(self, client, path):
         super().__init__("import", lambda: client.voco(["models", "import", str(path)]),
                          status=f"importing {Path(path).name}")
         self.imported: dict = {}
-        self.dice, self.base = dice, base
 
     def apply(self, event: dict) -> None:
         if event.get("event") == ev.IMPORTED:

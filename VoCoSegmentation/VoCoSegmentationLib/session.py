@@ -3,8 +3,14 @@
 The Slicer widget and VoCo Studio are views of one of these: a handler reads its inputs, calls
 one method, and the view shows ``state`` and ``buttons(...)`` whenever ``changed`` fires. The
 session decides which models and devices to offer, starts, polls, finishes and cancels jobs,
-what each button allows, the status line, and the clinician's loop (add a corrected case,
-fine-tune, see the new version and its Dice next to the previous one's).
+what each button allows, the status line, and the clinician's loop: add a corrected case (first
+scored: the Dice of the version that segmented it, on a case it never saw), fine-tune, see each
+version's Dice on unseen cases, its held-out validation Dice and whether it did worse than its
+parent (VoCoCommonLib.versions has the rules), and roll back to an earlier version.
+
+The session remembers, for each segmentation node it made, which model version made it and its
+label map as the engine wrote it (read in the job's thread); adding that node as a case scores it
+in the add-case job's thread, so the GUI thread only exports the corrected segments, as before.
 
 Nothing here blocks: the engine always runs as a process; the environment probe, the model
 list, the volume hand-off, writing a case and reading results happen in job threads; the GUI
@@ -27,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from VoCoCommonLib.client import EngineClient
 from VoCoCommonLib.environment import EngineEnvironment
 from VoCoCommonLib.jobs import Job
@@ -34,7 +42,8 @@ from VoCoCommonLib.models import ModelEntry, finetuned_name
 from VoCoCommonLib.runs import DONE, FINETUNE, RUNNING, STOPPED, timestamped
 from VoCoCommonLib.session import Session
 from VoCoCommonLib.signalling import Signal
-from VoCoCommonLib.training_set import TrainingSet
+from VoCoCommonLib.training_set import CaseSnapshot, TrainingSet
+from VoCoCommonLib.versions import CurrentVersions, VersionRow, annotate, case_score, version_row
 
 from .jobs import ImportJob, SegmentJob
 from .results import move_into, segmentation_from_output
@@ -47,6 +56,17 @@ class Button:
     text: str
     enabled: bool
     tooltip: str = ""
+
+
+@dataclass
+class Produced:
+    """What made a segmentation node: the model version and its label map as the engine wrote it."""
+
+    name: str
+    version: str
+    labels: np.ndarray   # KJI, on the input volume's grid
+    names: dict          # label value -> name
+    volume_id: str       # the input volume's node id
 
 
 @dataclass
@@ -85,14 +105,19 @@ class SegmentationSession(Session):
                  temp_root=None):
         client = client or EngineClient()
         self.training_set = training_set or TrainingSet(client.settings.training_set_dir)
-        super().__init__(client, SegmentationState(training_set_count=self.training_set.count))
+        self._cases = self.training_set.cases()  # with their scores; read again by each add-case job
+        super().__init__(client, SegmentationState(training_set_count=len(self._cases)))
         self.runs = runs or self.client.runs()
+        self.current_versions = CurrentVersions(self.runs.workspace)
         self.temp_root = temp_root
         self.resultReady, self.modelSelected = Signal(), Signal()
         self._pending: list[Job] = []         # segmentations queued behind it (compare versions), not started
-        self._finetune: dict | None = None    # {"run", "base"} while a fine-tuning run goes on
+        self._finetune: dict | None = None    # {"run"} while a fine-tuning run goes on
         self._auto = None                     # (every, model, steps, device) for automatic fine-tuning
         self._select = None                   # a new version's spec, selected once the model list has it
+        self._announce = None                 # the status line for that new version, said with its measures
+        self._listed_once = False             # the first model list selects the current version chosen before
+        self._produced: dict[str, Produced] = {}  # segmentation node id -> what made it
 
     # --- what the views show -------------------------------------------------------------------
 
@@ -129,6 +154,17 @@ class SegmentationSession(Session):
 
     def model(self, spec: str) -> ModelEntry | None:
         return next((m for m in self.state.models if spec in (m.spec, m.name)), None)
+
+    def version_rows(self, name: str | None = None) -> list[VersionRow]:
+        """The versions table (of one model, or of all): measures, flag, which one is current."""
+        return [version_row(m) for m in self.state.segmentation_models if name in (None, m.name)]
+
+    def roll_back_button(self, spec: str | None) -> Button:
+        entry = next((m for m in self.state.segmentation_models if m.spec == spec), None) if spec else None
+        why = ("select a version in the table" if entry is None else
+               f"v{entry.version} is the current version" if entry.current else "")
+        return Button("Roll back to this version", not why,
+                      why or f"Make {entry.name} v{entry.version} the current version (later versions are kept)")
 
     # --- actions -------------------------------------------------------------------------------
 
@@ -182,9 +218,28 @@ class SegmentationSession(Session):
         entry = model if isinstance(model, ModelEntry) else self.model(str(model)) if model else None
         labels = entry.labels if entry is not None and entry.labels else None
         case = self.training_set.snapshot(volume_node, segmentation_node, labels)
+        produced = self._produced.get(segmentation_node.GetID())
+        if produced is not None and produced.volume_id != volume_node.GetID():
+            produced = None  # made on another volume: nothing to compare with
         self._auto = (auto_finetune_every, entry or model, steps, device) if auto_finetune_every > 0 else None
-        return self._start(Job("add-case", load=lambda: self.training_set.write(case),
+        return self._start(Job("add-case", load=lambda: self._write_case(case, produced),
                                status="adding the case to the training set"))
+
+    def roll_back(self, spec: str) -> ModelEntry:
+        """Make an earlier version the current one: selected for segmentation and the start of the
+        next fine-tune, in later sessions too (kept in the runs workspace); later versions stay."""
+        entry = next((m for m in self.state.segmentation_models if m.spec == spec), None)
+        if entry is None:
+            raise ValueError(f"not a version in the model list: {spec}")
+        versions = self.versions(entry.name)
+        self.current_versions.set(entry.name, entry.version, versions[-1].version)
+        self._annotate()
+        later = [f"v{m.version}" for m in versions[versions.index(entry) + 1:]]
+        self.state.status = (f"{entry.name} v{entry.version} is the current version"
+                             + (f"; {', '.join(later)} kept" if later else ""))
+        self.modelSelected.emit(entry.spec)
+        self._changed()
+        return entry
 
     def finetune(self, model, steps: int = 300, device: str = "auto", dataset=None, name: str | None = None,
                  backbone: str | None = None, extra_args=(), val_every: int | None = None) -> Path:
@@ -198,8 +253,7 @@ class SegmentationSession(Session):
         run = self.runs.start_finetuning(dataset, init=spec, backbone=backbone, steps=steps, model_name=name,
                                          name=timestamped(name), device=device,
                                          val_every=val_every, checkpoint_every=val_every, extra_args=extra_args)
-        base = model if isinstance(model, ModelEntry) else self.model(str(model)) if model else None
-        self._finetune = {"run": run, "base": base}
+        self._finetune = {"run": run}
         self.state.finetuning = str(run)
         self.state.status = "fine-tuning: starting"
         self._changed()
@@ -211,12 +265,13 @@ class SegmentationSession(Session):
     def watch_finetuning(self, run) -> None:
         """Follow a fine-tuning run started elsewhere (an earlier session) until it is imported."""
         if self._finetune is None and self.runs.info(run).kind == FINETUNE:
-            self._finetune = {"run": self.runs.run_dir(run), "base": None}
+            self._finetune = {"run": self.runs.run_dir(run)}
             self.state.finetuning = str(self._finetune["run"])
 
     def scene_closed(self) -> None:
         """The volumes are gone: a running segmentation is cancelled and its result dropped."""
         self._drop_pending()
+        self._produced.clear()
         if self._job is not None and self._job.kind == "segment":
             self._job.cancel()
             self._job.volume_node = None
@@ -256,16 +311,38 @@ class SegmentationSession(Session):
         self._pending.clear()
 
     def _models_listed(self) -> None:
+        self._annotate()
+        if self._select is None and not self._listed_once:
+            last = self.current_versions.last()  # rolled back in an earlier session: its current version
+            chosen = next((m for m in self.state.segmentation_models if m.name == last and m.current), None)
+            self._select = chosen.spec if chosen is not None else None
+        self._listed_once = True
         if self._select is not None:
+            entry = self.model(self._select)
+            if self._announce and entry is not None:
+                self.state.status = self._announce + "".join(f": {text}" for text in (entry.measures, entry.worse)
+                                                             if text)
             self.modelSelected.emit(self._select)
-            self._select = None
+            self._select = self._announce = None
+
+    def _annotate(self) -> None:
+        annotate(self.state.models, self._cases, self.current_versions.read())
+
+    def _write_case(self, case: CaseSnapshot, produced: Produced | None) -> dict:
+        """The add-case job's work (its thread): score the version that made the segmentation, store the case."""
+        score = None
+        if produced is not None:
+            dice = case_score(produced.labels, produced.names, case.labels, case.names)
+            score = {"model": produced.name, "version": produced.version, **dice} if dice else None
+        case_id = self.training_set.write(case, score)
+        return {"case_id": case_id, "score": score, "cases": self.training_set.cases()}
 
     def _background_finished(self, job: Job) -> None:
         if job.kind == "import":
             self._imported(job)
 
     def _tick_finetune(self) -> bool:
-        run, base = self._finetune["run"], self._finetune["base"]
+        run = self._finetune["run"]
         info = self.runs.info(run)
         before = self.state.status
         if info.state == RUNNING:
@@ -282,7 +359,7 @@ class SegmentationSession(Session):
         elif not (package / "model.json").is_file():
             self._fail("fine-tuning wrote no model package (no validation ran?)")
         else:
-            job = ImportJob(self.client, package, dice=info.best_dice, base=base)
+            job = ImportJob(self.client, package)
             self.history.append(job)
             self._background.append(job.start())
             self.state.status = "adding the new model version to the model list"
@@ -293,12 +370,7 @@ class SegmentationSession(Session):
             self._fail(job.error or "the import failed")
             return
         name, version, path = job.imported.get("name"), job.imported.get("version"), job.imported.get("path")
-        status = f"new model {name} v{version}"
-        if job.dice is not None:
-            status += f", validation Dice {job.dice:.3f}"
-            if job.base is not None and job.base.dice is not None:
-                status += f" (before: {job.base.dice:.3f})"
-        self.state.status = status
+        self.state.status = self._announce = f"new model {name} v{version}"
         self._select = path
         self.refresh_models()
 
@@ -318,8 +390,10 @@ class SegmentationSession(Session):
         elif job.kind == "import":
             self._imported(job)
         elif job.kind == "add-case":
-            self.state.training_set_count = self.training_set.count
-            self.state.status = f"added {job.result} to the training set"
+            self._cases = job.result["cases"]
+            self.state.training_set_count = len(self._cases)
+            self.state.status = f"added {job.result['case_id']} to the training set" + scored(job.result["score"])
+            self._annotate()
             self._auto_finetune()
 
     def _show_result(self, job: SegmentJob) -> None:
@@ -327,6 +401,13 @@ class SegmentationSession(Session):
         if job.output_node is not None and job.output_node.GetScene() is not None:
             move_into(result, job.output_node, job.volume_node)
         job.node = result.node
+        model = job.result.sidecar.get("model") or {}
+        scene = result.node.GetScene()  # a label map per node is memory: none for nodes deleted since
+        self._produced = {node_id: made for node_id, made in self._produced.items() if scene.GetNodeByID(node_id)}
+        self._produced[result.node.GetID()] = Produced(
+            str(model.get("name")), str(model.get("version")), job.result.labels,
+            {int(label["value"]): str(label["name"]) for label in job.result.sidecar.get("labels", [])},
+            job.volume_node.GetID())
         if result.empty_labels:
             job.status = f"done; no voxels for: {', '.join(result.empty_labels)}"
         else:
@@ -347,3 +428,10 @@ class SegmentationSession(Session):
                 self._fail(str(exc))
                 return
             self.state.status = f"{count} cases: fine-tuning starts"
+
+
+def scored(score: dict | None) -> str:
+    """What the status line adds about a new case's score."""
+    if not score:
+        return ""
+    return f"; {score['model']} v{score['version']} had Dice {score['mean_dice']:.3f} on it (before training on it)"

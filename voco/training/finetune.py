@@ -337,10 +337,11 @@ class Finetuner:
         config = self.config
         name = config.name or self.run_dir.resolve().name
         version = "1"
-        parent_major = str(self.parent["version"]).split(".")[0] if self.parent else ""
-        if self.parent and self.parent["name"] == name and parent_major.isdigit():
-            # The clinician loop's next model version: 3 after 2, 2 after a published 1.0.
-            version = str(int(parent_major) + 1)
+        if self.parent and self.parent["name"] == name:
+            from ..registry.registry import installed_models
+
+            taken = [record["version"] for record in installed_models() if record["name"] == name]
+            version = next_version(self.parent["version"], taken)
         metrics = {"val_dice": self.best["dice"], "mean_val_dice": self.best["mean"], "step": self.best["step"],
                    "val_cases": [case.name for case in self.val_cases], "on_training_data": self.val_on_training}
         return ModelCard(
@@ -384,6 +385,13 @@ def _label_values(path: Path) -> np.ndarray:
         raise VocoInputError(f"is not a label map: values must be non-negative whole numbers up to {MAX_LABEL_VALUE}",
                              path)
     return values
+
+
+def next_version(parent: str, taken) -> str:
+    """The clinician loop's next model version: 3 after 2, 2 after a published 1.0, and after a
+    roll-back from 3 to 1 it is 4, not 2: the versions kept (``taken``) are never overwritten."""
+    majors = [int(str(v).split(".")[0]) for v in [parent, *taken] if str(v).split(".")[0].isdigit()]
+    return str(max(majors, default=0) + 1)
 
 
 def _case_name(path: Path) -> str:

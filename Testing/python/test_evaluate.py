@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 
@@ -20,10 +21,11 @@ from test_finetune import SPACING, synthetic_case
 from voco.cli import main
 from voco.models.segmentation import build_segmentation_network
 from voco.registry.package import Label, ModelCard, Preprocessing, read_package, write_package
-from voco.training.evaluate import EvaluateConfig, evaluate, make_plan, training_subset
+from voco.figures import read_metrics
+from voco.training.evaluate import EvaluateConfig, make_plan, summarise, training_subset
 
 CASES = 4  # one is held out by default (one in five, at least one), three are trained on
-STEPS, SEEDS, FRACTIONS = 2, 2, [1.0, 0.5]
+STEPS, FRACTIONS = 2, [1.0, 0.5]
 
 
 def write_dataset(folder, cases=CASES):
@@ -51,7 +53,7 @@ def seed0_package(folder):
 
 
 def options(data, out, inits, **changes) -> dict:
-    values = dict(data=str(data), out=str(out), inits=inits, seeds=SEEDS, steps=STEPS, fractions=FRACTIONS,
+    values = dict(data=str(data), out=str(out), inits=inits, seeds=1, steps=STEPS, fractions=[1.0],
                   architecture="swinunetr-tiny", batch_size=1, patch_size=32, spacing=(2.0, 2.0, 2.0), modality="mri",
                   lr=1e-3, val_every=1)
     return {**values, **changes}
@@ -69,20 +71,37 @@ def cli_args(config: dict) -> list[str]:
     return [str(a) for a in args]
 
 
+KILLED_RUN = "same/f1/seed0"
+
+
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-    """scratch and ``same`` (scratch's seed-0 weights as a package), 2 seeds, fractions 1 and 0.5:
-    eight runs of two steps, in-process."""
+    """``voco evaluate`` of scratch and ``same`` (scratch's seed-0 weights, as a package), seed 0,
+    two steps a run: killed (SIGKILL) at the first checkpoint of its second run, then run again."""
     folder = tmp_path_factory.mktemp("evaluate")
     data = write_dataset(folder / "data")
     package = seed0_package(folder / "seed0")
     config = options(data, folder / "out", ["scratch", f"same={package}"])
-    seen = Events()
+    out = folder / "out"
     started = time.perf_counter()
-    assert evaluate(EvaluateConfig(**config), seen, device="cpu") == 0
-    print(f"8 runs in {time.perf_counter() - started:.1f} s")
-    evaluation = json.loads((folder / "out" / "evaluation.json").read_text())
-    return config, seen, evaluation
+    process = subprocess.Popen(voco_command(*cli_args(config)), stdout=subprocess.PIPE, text=True)
+    killed = []
+    for line in process.stdout:
+        killed.append(json.loads(line))
+        if killed[-1]["event"] == "checkpoint" and killed[-1]["run"] == KILLED_RUN:
+            process.kill()
+            break
+    process.wait(timeout=60)
+    first = out / "results" / "scratch" / "f1" / "seed0.json", out / "runs" / "scratch" / "f1" / "seed0" / "metrics.jsonl"
+    finished = [(path.stat().st_mtime_ns, path.read_bytes()) for path in first]
+    killed_at = time.perf_counter()
+    result = run_voco(*cli_args(config))
+    assert result.returncode == 0, result.stderr
+    print(f"killed after {killed_at - started:.1f} s, resumed run {time.perf_counter() - killed_at:.1f} s")
+    untouched = finished == [(path.stat().st_mtime_ns, path.read_bytes()) for path in first]
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    return {"config": config, "killed": killed, "kill_code": process.returncode, "resumed": events(result.stdout),
+            "untouched": untouched, "evaluation": evaluation}
 
 
 def result_of(evaluation, init, fraction, seed) -> dict:
@@ -95,41 +114,38 @@ SCORED = ("dice", "mean_dice", "learning_curve", "train_loss", "train_cases")
 
 
 def test_every_init_gets_the_same_data_order_and_seeds_and_differs_only_by_its_weights(experiment):
-    config, _, evaluation = experiment
-    plan = make_plan(EvaluateConfig(**config), Events())
+    config, evaluation = experiment["config"], experiment["evaluation"]
+    plan = make_plan(EvaluateConfig(**{**config, "seeds": 2, "fractions": FRACTIONS}), Events())
+    assert len(plan.runs) == 2 * 2 * len(FRACTIONS)
     for fraction in FRACTIONS:
-        for seed in range(SEEDS):
+        for seed in range(2):
             scratch, same = (next(r for r in plan.runs if (r.init.label, r.fraction, r.seed) == (init, fraction, seed))
                              for init in ("scratch", "same"))
             a, b = scratch.finetune.to_dict(), same.finetune.to_dict()
             assert {k for k in a if a[k] != b[k]} == {"init", "out", "name"}
             assert a["seed"] == seed and a["checkpoint_every"] == a["val_every"] == 1
-    # The same starting weights give the same run, bit for bit; other weights another one.
-    for fraction in FRACTIONS:
-        scratch, same = (result_of(evaluation, init, fraction, 0) for init in ("scratch", "same"))
-        assert {k: scratch[k] for k in SCORED} == {k: same[k] for k in SCORED}
-        scratch, same = (result_of(evaluation, init, fraction, 1) for init in ("scratch", "same"))
-        assert scratch["train_cases"] == same["train_cases"]
-        assert scratch["train_loss"] != same["train_loss"]
+    # The same starting weights give the same run, bit for bit (this one was killed and resumed).
+    scratch, same = (result_of(evaluation, init, 1.0, 0) for init in ("scratch", "same"))
+    assert {k: scratch[k] for k in SCORED} == {k: same[k] for k in SCORED}
 
 
 def test_test_cases_are_never_trained_on_and_the_subsets_are_nested(experiment):
-    config, _, evaluation = experiment
+    config, evaluation = experiment["config"], experiment["evaluation"]
     assert len(evaluation["test_cases"]) == 1  # one in five, at least one
     (test_case,) = evaluation["test_cases"]
     pool = [f"case{i}" for i in range(CASES) if f"case{i}" != test_case]
     assert evaluation["train_pool"] == pool
     for result in evaluation["results"]:
-        assert test_case not in result["train_cases"]
+        assert result["train_cases"] == pool
         # What the run itself trained and validated on, as its model card records it.
         card = read_package(os.path.join(config["out"], result["run_dir"], "model")).card
         assert card.training["train_cases"] == result["train_cases"]
         assert card.metrics["val_cases"] == [test_case] and card.metrics["on_training_data"] is False
-        if result["fraction"] == 1:
-            assert result["train_cases"] == pool
-        else:
-            assert len(result["train_cases"]) == 2  # ceil(0.5 * 3)
-            assert set(result["train_cases"]) < set(pool)
+    plan = make_plan(EvaluateConfig(**{**config, "seeds": 3, "fractions": [1.0, 0.5, 0.25]}), Events())
+    for run in plan.runs:
+        assert test_case not in run.train_cases and run.finetune.val_case_names == [test_case]
+        assert run.finetune.train_case_names == run.train_cases
+        assert len(run.train_cases) == {1.0: 3, 0.5: 2, 0.25: 1}[run.fraction]  # ceil(fraction * 3)
     for seed in range(5):
         subsets = [set(training_subset(pool, seed, f)) for f in (1, 0.67, 0.5, 0.1)]
         assert all(small <= large for large, small in zip(subsets, subsets[1:]))
@@ -137,10 +153,10 @@ def test_test_cases_are_never_trained_on_and_the_subsets_are_nested(experiment):
 
 
 def test_evaluation_json_figure_and_events(experiment):
-    config, seen, evaluation = experiment
+    config, evaluation = experiment["config"], experiment["evaluation"]
     out = config["out"]
     assert {"test_cases", "results", "summary"} <= set(evaluation)
-    assert evaluation["complete"] is True and evaluation["runs_planned"] == len(evaluation["results"]) == 8
+    assert evaluation["complete"] is True and evaluation["runs_planned"] == len(evaluation["results"]) == 2
     for result in evaluation["results"]:
         assert {"init", "seed", "fraction", "steps", "dice", "mean_dice"} <= set(result)
         assert result["steps"] == STEPS and set(result["dice"]) == {"lesion", "slab"}
@@ -148,73 +164,44 @@ def test_evaluation_json_figure_and_events(experiment):
         assert result["mean_dice"] == pytest.approx(np.mean(scored) if scored else 0.0)
         assert result["learning_curve"]["step"] == [1, 2] and len(result["train_loss"]) == STEPS
         # The score is the final step's test Dice (not the best step's).
-        metrics = [json.loads(line) for line in open(os.path.join(out, result["run_dir"], "metrics.jsonl"))]
+        metrics = read_metrics(os.path.join(out, result["run_dir"], "metrics.jsonl"))
         assert metrics[-1]["step"] == STEPS and metrics[-1]["val_dice"] == result["dice"]
         assert result["learning_curve"]["mean_dice"][-1] == result["mean_dice"]
-    assert set(evaluation["summary"]) == {"scratch", "same", "scratch@0.5", "same@0.5"}
-    for key, entry in evaluation["summary"].items():
-        init, _, fraction = key.partition("@")
-        values = [r["mean_dice"] for r in evaluation["results"] if r["init"] == init
-                  and r["fraction"] == float(fraction or 1)]
-        assert entry == pytest.approx({"mean": np.mean(values), "std": np.std(values, ddof=1), "n": SEEDS})
-    same = evaluation["paired_difference_to_scratch"]["same"]
-    assert same["n"] == SEEDS and same["mean"] == pytest.approx(
-        np.mean([result_of(evaluation, "same", 1.0, s)["mean_dice"] - result_of(evaluation, "scratch", 1.0, s)["mean_dice"]
-                 for s in range(SEEDS)]))
-    assert evaluation["budget"]["steps"] == STEPS and evaluation["config"]["seeds"] == SEEDS
+    mean = result_of(evaluation, "scratch", 1.0, 0)["mean_dice"]
+    assert evaluation["summary"] == {"scratch": {"mean": mean, "std": 0.0, "n": 1},
+                                     "same": {"mean": mean, "std": 0.0, "n": 1}}  # one seed: std 0
+    assert evaluation["paired_difference_to_scratch"] == {"same": {"mean": 0.0, "std": 0.0, "n": 1}}
+    results = [{"init": "a", "fraction": 0.5, "seed": s, "mean_dice": d} for s, d in enumerate((0.2, 0.4, 0.9))]
+    assert summarise(results) == {"a@0.5": pytest.approx({"mean": 0.5, "std": np.std([0.2, 0.4, 0.9], ddof=1), "n": 3})}
+    assert evaluation["budget"]["steps"] == STEPS and evaluation["config"]["seeds"] == 1
     figure = os.path.join(out, "evaluation.png")
     assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(figure) > 20000
     # Events: the plan, each run's start and end, its fine-tuning steps marked with the run, done.
-    (plan,) = seen.of("plan")
-    assert plan["runs"] == 8 and plan["inits"] == ["scratch", "same"] and plan["test_cases"] == evaluation["test_cases"]
-    assert [e["index"] for e in seen.of("run_start")] == [e["index"] for e in seen.of("run_done")] == list(range(1, 9))
-    steps = seen.of("step")
-    assert len(steps) == 8 * STEPS and steps[0]["run"] == "scratch/f1/seed0" and steps[0]["total"] == STEPS
-    assert not seen.of("start") and len(seen.of("finetune_done")) == 8
-    assert seen.seen[-1] == ("done", {"evaluation": os.path.join(out, "evaluation.json"),
-                                      "figure": figure, "summary": evaluation["summary"]})
+    killed, resumed = experiment["killed"], experiment["resumed"]
+    plan = killed[0]
+    assert plan["event"] == "plan" and plan["runs"] == 2 and plan["inits"] == ["scratch", "same"]
+    assert plan["test_cases"] == evaluation["test_cases"]
+    steps = [e for e in killed if e["event"] == "step"]
+    assert [(e["run"], e["step"], e["total"]) for e in steps] == \
+        [("scratch/f1/seed0", 1, 2), ("scratch/f1/seed0", 2, 2), (KILLED_RUN, 1, 2)]
+    assert [e["event"] for e in killed + resumed].count("start") == 0  # finetune's start is finetune_start
+    assert [e["index"] for e in resumed if e["event"] == "run_done"] == [1, 2]
+    done = resumed[-1]
+    assert done["event"] == "done" and done["summary"] == evaluation["summary"] and done["figure"] == figure
 
 
-def scratch_only(experiment, out) -> dict:
-    """The scratch runs of fraction 1 alone: the same runs as in the experiment, two of them."""
-    config, _, _ = experiment
-    return {**config, "out": str(out), "inits": ["scratch"], "fractions": [1.0]}
-
-
-def assert_same_results(evaluation, experiment):
-    for result in evaluation["results"]:
-        expected = result_of(experiment[2], "scratch", 1.0, result["seed"])
-        assert {k: result[k] for k in SCORED} == {k: expected[k] for k in SCORED}
-
-
-def test_a_killed_evaluation_continues_without_redoing_finished_runs(experiment, tmp_path):
-    config = scratch_only(experiment, tmp_path / "out")
-    process = subprocess.Popen(voco_command(*cli_args(config)), stdout=subprocess.PIPE, text=True)
-    first_result = tmp_path / "out" / "results" / "scratch" / "f1" / "seed0.json"
-    for line in process.stdout:  # kill -9 once run 2 has its first checkpoint (run 1 is scored)
-        event = json.loads(line)
-        if event["event"] == "checkpoint" and event["run"] == "scratch/f1/seed1":
-            assert first_result.is_file()
-            process.kill()
-            break
-    process.wait(timeout=60)
-    assert process.returncode == -9
-    finished = first_result.stat().st_mtime_ns, (tmp_path / "out/runs/scratch/f1/seed0/metrics.jsonl").read_bytes()
-
-    result = run_voco(*cli_args(config))
-    assert result.returncode == 0, result.stderr
-    stream = events(result.stdout)
-    done = [e for e in stream if e["event"] == "run_done"]
-    assert [(e["run"], e["reused"]) for e in done] == [("scratch/f1/seed0", True), ("scratch/f1/seed1", False)]
-    assert [e["run"] for e in stream if e["event"] == "run_start"] == ["scratch/f1/seed1"]
-    assert [e["step"] for e in stream if e["event"] == "finetune_start"] == [1]  # resumed from last.pt
-    assert finished == (first_result.stat().st_mtime_ns,
-                        (tmp_path / "out/runs/scratch/f1/seed0/metrics.jsonl").read_bytes())
-    assert_same_results(json.loads((tmp_path / "out" / "evaluation.json").read_text()), experiment)
+def test_a_killed_evaluation_continues_without_redoing_finished_runs(experiment):
+    assert experiment["kill_code"] == -signal.SIGKILL
+    resumed = experiment["resumed"]
+    assert [(e["run"], e["reused"]) for e in resumed if e["event"] == "run_done"] == \
+        [("scratch/f1/seed0", True), (KILLED_RUN, False)]
+    assert [e["run"] for e in resumed if e["event"] == "run_start"] == [KILLED_RUN]
+    assert [(e["run"], e["step"]) for e in resumed if e["event"] == "finetune_start"] == [(KILLED_RUN, 1)]  # last.pt
+    assert experiment["untouched"]  # the finished run's result and metrics were not rewritten
 
 
 def test_torchrun_spreads_the_runs_over_the_ranks(experiment, tmp_path):
-    config = scratch_only(experiment, tmp_path / "out")
+    config = {**experiment["config"], "out": str(tmp_path / "out"), "inits": ["scratch"], "seeds": 2}
     command = voco_command()[:1] + ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                     "-m", "voco", *cli_args(config)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -225,7 +212,12 @@ def test_torchrun_spreads_the_runs_over_the_ranks(experiment, tmp_path):
     assert stream[-1]["event"] == "done"
     evaluation = json.loads((tmp_path / "out" / "evaluation.json").read_text())
     assert evaluation["complete"] and [r["seed"] for r in evaluation["results"]] == [0, 1]
-    assert_same_results(evaluation, experiment)
+    expected = result_of(experiment["evaluation"], "scratch", 1.0, 0)  # the same run as one process makes
+    assert {k: evaluation["results"][0][k] for k in SCORED} == {k: expected[k] for k in SCORED}
+    assert evaluation["results"][1]["train_loss"] != expected["train_loss"]  # seed 1: other weights and data order
+    values = [r["mean_dice"] for r in evaluation["results"]]
+    assert evaluation["summary"]["scratch"] == pytest.approx({"mean": np.mean(values), "std": np.std(values, ddof=1),
+                                                              "n": 2})
     assert (tmp_path / "out" / "evaluation.png").is_file()
 
 
@@ -233,7 +225,7 @@ def test_torchrun_spreads_the_runs_over_the_ranks(experiment, tmp_path):
                                   "unknown_test_case", "no_training_case", "duplicate_init", "other_settings"])
 def test_bad_input_is_one_line_and_exit_code_2(case, experiment, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VOCO_MODELS_DIR", str(tmp_path / "models"))
-    config = {**experiment[0], "out": str(tmp_path / "out")}
+    config = {**experiment["config"], "out": str(tmp_path / "out")}
     out = tmp_path / "out"
     extra, expected = [], None
     if case == "unknown_init":
@@ -242,7 +234,7 @@ def test_bad_input_is_one_line_and_exit_code_2(case, experiment, tmp_path, monke
     elif case == "unreadable_init":
         (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
         config["inits"] = ["scratch", str(tmp_path / "junk.pt")]
-        expected = "junk.pt: not a readable PyTorch checkpoint"
+        expected = "junk.pt: refused: it contains pickled code or objects"
     elif case == "seeds":
         config["seeds"], expected = 0, "--seeds must be at least 1, got 0"
     elif case == "fraction_high":
@@ -257,9 +249,9 @@ def test_bad_input_is_one_line_and_exit_code_2(case, experiment, tmp_path, monke
     elif case == "duplicate_init":
         config["inits"], expected = ["scratch", "scratch"], "--init 'scratch' is given twice"
     else:
-        config, out = {**experiment[0], "seeds": 3}, experiment[0]["out"]
+        config, out = {**experiment["config"], "seeds": 3}, experiment["config"]["out"]
         before = os.path.getmtime(os.path.join(out, "evaluation.json"))
-        expected = f"{out}: holds an evaluation with other settings (seeds: 2 there, 3 now)"
+        expected = f"{out}: holds an evaluation with other settings (seeds: 1 there, 3 now)"
     capsys.readouterr()
     assert main(cli_args(config) + extra) == 2
     captured = capsys.readouterr()

@@ -200,6 +200,17 @@ def test_a_killed_evaluation_continues_without_redoing_finished_runs(experiment)
     assert experiment["untouched"]  # the finished run's result and metrics were not rewritten
 
 
+def test_a_finished_evaluation_run_again_redoes_nothing(experiment, capsys):
+    """Also when its folder is named another way: the settings are compared without ``out``."""
+    config = {**experiment["config"], "out": os.path.join(experiment["config"]["out"], ".")}
+    capsys.readouterr()
+    assert main(cli_args(config)) == 0
+    stream = events(capsys.readouterr().out)
+    assert [e["reused"] for e in stream if e["event"] == "run_done"] == [True, True]
+    assert not [e for e in stream if e["event"] in ("run_start", "step")]
+    assert stream[-1]["event"] == "done" and stream[-1]["summary"] == experiment["evaluation"]["summary"]
+
+
 def test_torchrun_spreads_the_runs_over_the_ranks(experiment, tmp_path):
     config = {**experiment["config"], "out": str(tmp_path / "out"), "inits": ["scratch"], "seeds": 2}
     command = voco_command()[:1] + ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -46,7 +46,7 @@ from ..data.sources import list_labelled_cases
 from ..errors import VocoInputError
 from ..jobs.signals import StopRequest
 from ..presets import parse_triple
-from .distributed import choose_device
+from .distributed import choose_device, shutdown
 from .finetune import (DEFAULT_PATCH, DEFAULT_SPACING, LAST_NAME, METRICS_NAME, FinetuneConfig, case_name,
                        check_unique_case_names, finetune)
 
@@ -91,6 +91,9 @@ class EvaluateConfig:
             raise VocoInputError(f"--fractions has a fraction twice: {','.join(map(fraction_name, self.fractions))}")
         if self.test_cases is not None and len(set(self.test_cases)) < len(self.test_cases):
             raise VocoInputError(f"--test-cases names a case twice: {','.join(self.test_cases)}")
+        # The fine-tuning options, checked as voco finetune checks them (before any download).
+        FinetuneConfig(self.data, self.out, steps=self.steps, batch_size=self.batch_size, patch_size=self.patch_size,
+                       lr=self.lr, val_every=self.val_every).validate()
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # as config.json holds it: lists, not tuples
@@ -230,7 +233,6 @@ def make_plan(config: EvaluateConfig, reporter) -> Plan:
                     train_case_names=subset, val_case_names=list(test_cases),
                     name=f"evaluate-{init.label}-f{fraction_name(fraction)}-seed{seed}")
                 runs.append(Run(init, fraction, seed, subset, tuning))
-    runs[0].finetune.validate()
     return Plan(config, inits, test_cases, pool, runs)
 
 
@@ -276,13 +278,23 @@ def result_path(out, run: Run) -> Path:
 
 def evaluate(config: EvaluateConfig, reporter, device: str = "auto") -> int:
     """Run (or continue) the experiment; 0 when every run is scored, 128 + signal when stopped."""
-    from ..jobs.run_lock import run_lock
-
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    chosen = choose_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    created = world > 1 and not dist.is_initialized()
+    if created:
         # gloo also between GPU processes: the ranks only wait for each other (no tensor travels),
         # and a rank may wait for hours while the others finish their runs.
         dist.init_process_group("gloo", timeout=timedelta(days=7))
+    try:
+        return _evaluate(config, reporter, str(chosen), rank, world)
+    finally:
+        if created:
+            shutdown()
+
+
+def _evaluate(config: EvaluateConfig, reporter, device: str, rank: int, world: int) -> int:
+    from ..jobs.run_lock import run_lock
+
     with run_lock(config.out, rank=rank):
         if rank == 0:  # first, alone: a registry name is downloaded once
             plan = make_plan(config, reporter)
@@ -290,11 +302,10 @@ def evaluate(config: EvaluateConfig, reporter, device: str = "auto") -> int:
         _barrier(world)
         if rank != 0:
             plan = make_plan(config, reporter)
-        chosen = choose_device(device, int(os.environ.get("LOCAL_RANK", "0")))
         reporter.emit("plan", runs=len(plan.runs), inits=[init.label for init in plan.inits],
                       fractions=config.fractions, seeds=config.seeds, test_cases=plan.test_cases,
                       train_pool=plan.train_pool, budget=plan.budget, world_size=world, out=config.out)
-        code = _run_share(plan, reporter, str(chosen), rank, world)
+        code = _run_share(plan, reporter, device, rank, world)
         _barrier(world)
         if rank != 0:
             return code
@@ -316,6 +327,8 @@ def _barrier(world: int) -> None:
 
 
 def _check_saved_config(config: EvaluateConfig) -> None:
+    """Write the settings, or refuse other settings than those saved (``out`` aside: the same
+    folder may be named another way)."""
     path = Path(config.out) / CONFIG_NAME
     given = config.to_dict()
     if path.is_file():
@@ -323,8 +336,9 @@ def _check_saved_config(config: EvaluateConfig) -> None:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             saved = None
-        if saved != given:
-            changed = next((k for k in given if not isinstance(saved, dict) or saved.get(k) != given[k]), "config")
+        if not isinstance(saved, dict) or {**saved, "out": config.out} != given:
+            changed = next((k for k in given if k != "out" and (not isinstance(saved, dict) or saved.get(k) != given[k])),
+                           "data")
             was = json.dumps(saved.get(changed))[:60] if isinstance(saved, dict) else "unreadable"
             raise VocoInputError(f"holds an evaluation with other settings ({changed}: {was} there, "
                                  f"{json.dumps(given[changed])[:60]} now); repeat its command to continue it, "

@@ -179,7 +179,7 @@ def plot_evaluation(evaluation: dict, path: Path) -> None:
             std = values.std(ddof=1) if len(values) > 1 else 0.0
             dice_ax.errorbar(x + 0.3, values.mean(), yerr=std, fmt="o", color="black", capsize=4, zorder=3)
             ticks.append(x)
-            names.append(init if len(fractions) == 1 else f"{init}\n{fraction:g} of the cases")
+            names.append(init if len(fractions) == 1 else f"{init}\n{fraction:.0%}")
             label = init if len(fractions) == 1 else f"{init} @ {fraction:g}"
             steps = group[0]["learning_curve"]["step"]
             curves = np.array([r["learning_curve"]["mean_dice"] for r in group if r["learning_curve"]["step"] == steps],
@@ -193,6 +193,8 @@ def plot_evaluation(evaluation: dict, path: Path) -> None:
             loss_ax.plot(np.arange(window, losses.shape[1] + 1), smooth, color=colours[init],
                          linestyle=styles[fraction], label=label)
     dice_ax.set_xticks(ticks, names, fontsize=8)
+    if len(fractions) > 1:
+        dice_ax.set_xlabel("initialisation, share of the training cases fine-tuned on")
     dice_ax.set_ylabel("mean test Dice of the final model")
     dice_ax.set_title("test Dice per initialisation (points: seeds; black: mean ± std)")
     curve_ax.set_xlabel("fine-tuning step")

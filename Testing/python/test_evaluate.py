@@ -273,3 +273,14 @@ def test_bad_input_is_one_line_and_exit_code_2(case, experiment, tmp_path, monke
         assert os.path.getmtime(os.path.join(out, "evaluation.json")) == before
     else:
         assert not out.exists()
+
+
+def test_runs_on_the_same_data_share_the_preprocessed_cases(tmp_path):
+    from voco.training.finetune import Finetuner
+
+    data = write_dataset(tmp_path / "data")
+    plan = make_plan(EvaluateConfig(**options(data, tmp_path / "out", ["scratch", "again=scratch"])), Events())
+    cache = {}
+    first, second = (Finetuner(run.finetune, Events(), "cpu", case_cache=cache) for run in plan.runs)
+    assert len(cache) == 1 and first.cases is second.cases and first.modality == second.modality == "mri"
+    assert [case.name for case in second.train_cases] == plan.runs[1].train_cases

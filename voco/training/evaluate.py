@@ -350,7 +350,7 @@ def _check_saved_config(config: EvaluateConfig) -> None:
 
 def _run_share(plan: Plan, reporter, device: str, rank: int, world: int) -> int:
     """This rank's runs (r, r + K, ...), one after the other; rank 0 rewrites evaluation.json after each."""
-    total = len(plan.runs)
+    total, case_cache = len(plan.runs), {}
     with StopRequest() as stop:
         for index in range(rank, total, world):
             run = plan.runs[index]
@@ -367,7 +367,7 @@ def _run_share(plan: Plan, reporter, device: str, rank: int, world: int) -> int:
                 remove_stale_temporaries(run_dir)  # this rank is the run folder's only writer
             reporter.emit("run_start", **info, train_cases=run.train_cases, resume=resume)
             code = finetune(dataclasses.replace(run.finetune), _RunReporter(reporter, run), device=device,
-                            resume=resume)
+                            resume=resume, case_cache=case_cache)
             if code:
                 return code
             result = score(run)

@@ -103,7 +103,9 @@ class Case:
 
 
 class Finetuner:
-    def __init__(self, config: FinetuneConfig, reporter, device: str = "auto", resume: bool = False):
+    def __init__(self, config: FinetuneConfig, reporter, device: str = "auto", resume: bool = False,
+                 case_cache: dict | None = None):
+        """``case_cache``: preprocessed cases kept between runs on the same data (voco evaluate)."""
         config.validate()
         self.config, self.reporter = config, reporter
         self.run_dir = Path(config.out)
@@ -124,7 +126,7 @@ class Finetuner:
             config.modality = card.preprocessing.modality
 
         self.labels = self._labels(pairs, card, state)
-        self.cases = self._load_cases(pairs)
+        self.cases = self._cached_cases(pairs, case_cache)
         self.train_cases, self.val_cases, self.val_on_training = self._split(self.cases)
 
         torch.manual_seed(config.seed)
@@ -177,6 +179,20 @@ class Finetuner:
         if len(labels) > MAX_CLASSES:
             raise VocoInputError(f"{len(labels)} labels; at most {MAX_CLASSES} are supported", self.config.data)
         return labels
+
+    def _cached_cases(self, pairs, cache: dict | None) -> list[Case]:
+        """The cases preprocessed as this run needs them; a run on the same files, labels and
+        preprocessing takes those of an earlier one from ``cache`` (training never changes them)."""
+        config = self.config
+        key = (tuple(map(str, pairs)), tuple(label.value for label in self.labels), tuple(config.spacing),
+               config.patch_size, config.modality)
+        if cache is not None and key in cache:
+            cases, self.modality = cache[key]
+            return cases
+        cases = self._load_cases(pairs)
+        if cache is not None:
+            cache[key] = cases, self.modality
+        return cases
 
     def _load_cases(self, pairs) -> list[Case]:
         config = self.config
@@ -430,8 +446,9 @@ def check_unique_case_names(names: list[str], data) -> None:
         seen.add(name)
 
 
-def finetune(config: FinetuneConfig, reporter, device: str = "auto", resume: bool = False) -> int:
-    return Finetuner(config, reporter, device, resume).run()
+def finetune(config: FinetuneConfig, reporter, device: str = "auto", resume: bool = False,
+             case_cache: dict | None = None) -> int:
+    return Finetuner(config, reporter, device, resume, case_cache).run()
 
 
 def resumable_config(run_dir, given: dict) -> FinetuneConfig:

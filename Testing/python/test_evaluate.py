@@ -233,7 +233,8 @@ def test_torchrun_spreads_the_runs_over_the_ranks(experiment, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown_init", "unreadable_init", "seeds", "fraction_high", "fraction_zero",
-                                  "unknown_test_case", "no_training_case", "duplicate_init", "other_settings"])
+                                  "unknown_test_case", "no_training_case", "duplicate_init", "duplicate_label",
+                                  "other_settings"])
 def test_bad_input_is_one_line_and_exit_code_2(case, experiment, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VOCO_MODELS_DIR", str(tmp_path / "models"))
     config = {**experiment["config"], "out": str(tmp_path / "out")}
@@ -258,7 +259,13 @@ def test_bad_input_is_one_line_and_exit_code_2(case, experiment, tmp_path, monke
         extra = ["--test-cases", ",".join(f"case{i}" for i in range(CASES))]
         expected = "holding out 4 test case(s) leaves no training case"
     elif case == "duplicate_init":
-        config["inits"], expected = ["scratch", "scratch"], "--init 'scratch' is given twice"
+        config["inits"], expected = ["scratch", "again=scratch"], "--init 'again=scratch' is given twice"
+    elif case == "duplicate_label":
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "best.pt").write_bytes(b"")
+        config["inits"] = [str(tmp_path / "a" / "best.pt"), str(tmp_path / "b" / "best.pt")]
+        expected = "another --init is also labelled 'best'; name them with LABEL=PATH"
     else:
         config, out = {**experiment["config"], "seeds": 3}, experiment["config"]["out"]
         before = os.path.getmtime(os.path.join(out, "evaluation.json"))
@@ -279,7 +286,7 @@ def test_runs_on_the_same_data_share_the_preprocessed_cases(tmp_path):
     from voco.training.finetune import Finetuner
 
     data = write_dataset(tmp_path / "data")
-    plan = make_plan(EvaluateConfig(**options(data, tmp_path / "out", ["scratch", "again=scratch"])), Events())
+    plan = make_plan(EvaluateConfig(**options(data, tmp_path / "out", ["scratch"], seeds=2)), Events())
     cache = {}
     first, second = (Finetuner(run.finetune, Events(), "cpu", case_cache=cache) for run in plan.runs)
     assert len(cache) == 1 and first.cases is second.cases and first.modality == second.modality == "mri"

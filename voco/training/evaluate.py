@@ -117,10 +117,6 @@ class Run:
     def key(self) -> str:
         return f"{self.init.label}/f{fraction_name(self.fraction)}/seed{self.seed}"
 
-    @property
-    def summary_key(self) -> str:
-        return summary_key(self.init.label, self.fraction)
-
 
 @dataclass
 class Plan:
@@ -152,6 +148,8 @@ def parse_init(text: str) -> Initialisation:
     """``scratch``, ``LABEL=SOURCE`` or ``SOURCE`` (labelled by its file or folder name)."""
     if text == SCRATCH:
         return Initialisation(SCRATCH, None)
+    if not text.strip():
+        raise VocoInputError("--init must not be empty: give scratch, a checkpoint, a model package or a name")
     label, _, source = text.partition("=")
     if not source or Path(text).exists() or not _LABEL.fullmatch(label):
         path = Path(text)
@@ -163,12 +161,15 @@ def parse_init(text: str) -> Initialisation:
 
 
 def parse_inits(texts: list[str]) -> list[Initialisation]:
+    """The initialisations to compare: each source once, each label once."""
     inits = [parse_init(text) for text in texts]
-    labels = [init.label for init in inits]
     for index, init in enumerate(inits):
-        if init.label in labels[:index]:
-            raise VocoInputError(f"--init {texts[index]!r} is given twice (as {init.label!r}); "
-                                 "name the runs with LABEL=PATH when two sources share a name")
+        earlier = inits[:index]
+        if init.source in [other.source for other in earlier]:
+            raise VocoInputError(f"--init {texts[index]!r} is given twice: the same weights would give the same runs")
+        if init.label in [other.label for other in earlier]:
+            raise VocoInputError(f"--init {texts[index]!r}: another --init is also labelled {init.label!r}; "
+                                 "name them with LABEL=PATH")
     return inits
 
 

@@ -201,8 +201,9 @@ def test_a_killed_evaluation_continues_without_redoing_finished_runs(experiment)
 
 
 def test_a_finished_evaluation_run_again_redoes_nothing(experiment, capsys):
-    """Also when its folder is named another way: the settings are compared without ``out``."""
-    config = {**experiment["config"], "out": os.path.join(experiment["config"]["out"], ".")}
+    """Also when its folder and dataset are named another way: paths are compared as the files they name."""
+    config = {**experiment["config"], "out": os.path.join(experiment["config"]["out"], "."),
+              "data": os.path.relpath(experiment["config"]["data"])}
     capsys.readouterr()
     assert main(cli_args(config)) == 0
     stream = events(capsys.readouterr().out)

@@ -328,25 +328,37 @@ def _barrier(world: int) -> None:
 
 
 def _check_saved_config(config: EvaluateConfig) -> None:
-    """Write the settings, or refuse other settings than those saved (``out`` aside: the same
-    folder may be named another way)."""
+    """Write the settings, or refuse other settings than those saved (paths compared as the files
+    they name: the same folder or dataset may be named another way)."""
     path = Path(config.out) / CONFIG_NAME
     given = config.to_dict()
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            saved = None
-        if not isinstance(saved, dict) or {**saved, "out": config.out} != given:
-            changed = next((k for k in given if k != "out" and (not isinstance(saved, dict) or saved.get(k) != given[k])),
-                           "data")
-            was = json.dumps(saved.get(changed))[:60] if isinstance(saved, dict) else "unreadable"
-            raise VocoInputError(f"holds an evaluation with other settings ({changed}: {was} there, "
-                                 f"{json.dumps(given[changed])[:60]} now); repeat its command to continue it, "
-                                 "or choose another --out", config.out)
+    if not path.is_file():
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(given, indent=2))
         return
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(given, indent=2))
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise VocoInputError(f"{CONFIG_NAME} is not the configuration of a voco evaluate run; choose another --out",
+                             config.out)
+    ours, theirs = _comparable(given), _comparable(saved)
+    changed = next((k for k in ours if theirs.get(k) != ours[k]), None)
+    if changed:
+        raise VocoInputError(f"holds an evaluation with other settings ({changed}: {json.dumps(saved.get(changed))[:60]} "
+                             f"there, {json.dumps(given[changed])[:60]} now); repeat its command to continue it, "
+                             "or choose another --out", config.out)
+
+
+def _comparable(values: dict) -> dict:
+    def where(text):
+        return str(Path(text).resolve()) if isinstance(text, str) and Path(text).exists() else text
+
+    inits = values.get("inits")
+    if isinstance(inits, list) and all(isinstance(text, str) and text.strip() for text in inits):
+        inits = [(init.label, where(init.source)) for init in map(parse_init, inits)]
+    return {**values, "out": None, "data": where(values.get("data")), "inits": inits}
 
 
 def _run_share(plan: Plan, reporter, device: str, rank: int, world: int) -> int:

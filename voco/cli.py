@@ -108,6 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
+    p = sub.add_parser("evaluate", help="does an initialisation help? fine-tune from each, score on held-out cases")
+    p.add_argument("--data", required=True, help="labelled dataset, as voco finetune takes it")
+    p.add_argument("--init", action="append", required=True,
+                   help="an initialisation to compare (repeat): scratch (random weights), or [LABEL=]a checkpoint, "
+                        "model package or registry name, as voco finetune --init takes it")
+    p.add_argument("--seeds", type=int, required=True, help="seeds 0..N-1: data order, subset and head weights")
+    p.add_argument("--steps", type=int, required=True, help="fine-tuning steps of every run")
+    p.add_argument("--fractions", help="fractions of the training cases to fine-tune on, e.g. 1,0.5,0.25 (default 1)")
+    p.add_argument("--test-cases", help="case names never trained on, comma-separated (default: one case in five)")
+    p.add_argument("--out", required=True,
+                   help="folder: config.json, runs/, results/, evaluation.json, evaluation.png")
+    p.add_argument("--backbone", choices=BACKBONES, default=None,
+                   help="architecture (default: the one of the first --init that has one, else swinunetr-tiny)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--patch-size", type=int, default=None, help="training patch edge in voxels (multiple of 32)")
+    p.add_argument("--spacing", help="resample to X,Y,Z mm (default 1.5)")
+    p.add_argument("--modality", choices=["auto", "ct", "ct-chest", "mri"], default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--val-every", type=int, default=None, help="steps between test-Dice points of the learning curve")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (under torchrun: cuda:LOCAL_RANK)")
+
     p = sub.add_parser("segment", help="segment a volume with a model package or registry model")
     p.add_argument("image")
     p.add_argument("output", help="label map to write (.nii.gz, .nii or .nrrd); a .json sidecar goes beside it")
@@ -234,6 +255,12 @@ def cmd_finetune(args, reporter) -> int:
         return finetune_from_args(args, reporter)
 
 
+def cmd_evaluate(args, reporter) -> int:
+    from .training.evaluate import evaluate_from_args
+
+    return evaluate_from_args(args, reporter)  # it takes the folder's lock itself (rank 0)
+
+
 def cmd_segment(args, reporter) -> int:
     from .inference.segment import segment_from_args
 
@@ -290,8 +317,8 @@ def cmd_samples(args, reporter) -> int:
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "crops": cmd_crops, "positions": cmd_positions, "finetune": cmd_finetune,
-            "segment": cmd_segment, "checkpoint": cmd_checkpoint, "models": cmd_models, "samples": cmd_samples,
-            "demo": cmd_demo}
+            "evaluate": cmd_evaluate, "segment": cmd_segment, "checkpoint": cmd_checkpoint, "models": cmd_models,
+            "samples": cmd_samples, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

@@ -164,3 +164,61 @@ def plot_segmentation(image_path: Path, label_path: Path, labels, path: Path, re
     if title:
         fig.suptitle(title)
     _save(fig, path)
+
+
+def plot_evaluation(evaluation: dict, path: Path) -> None:
+    """``voco evaluate``: the test Dice of every run (a point per seed, mean ± std per initialisation
+    and fraction), the learning curves (test Dice vs step: mean over seeds, ± std shaded) and the
+    training loss (moving average, mean over seeds)."""
+    results = evaluation["results"]
+    inits = list(dict.fromkeys(r["init"] for r in results))
+    fractions = sorted({r["fraction"] for r in results}, reverse=True)
+    colours = {init: plt.get_cmap("tab10")(i % 10) for i, init in enumerate(inits)}
+    styles = dict(zip(fractions, ("-", "--", ":", "-.") * len(fractions)))
+    fig, (dice_ax, curve_ax, loss_ax) = plt.subplots(1, 3, figsize=(17, 5.2))
+    ticks, names = [], []
+    for f_index, fraction in enumerate(fractions):
+        for i_index, init in enumerate(inits):
+            x = f_index * (len(inits) + 1) + i_index
+            group = [r for r in results if r["init"] == init and r["fraction"] == fraction]
+            if not group:
+                continue
+            values = np.array([r["mean_dice"] for r in group], dtype=float)
+            jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(1)
+            dice_ax.scatter(x + jitter, values, color=colours[init], alpha=0.6, s=22, zorder=2)
+            std = values.std(ddof=1) if len(values) > 1 else 0.0
+            dice_ax.errorbar(x + 0.3, values.mean(), yerr=std, fmt="o", color="black", capsize=4, zorder=3)
+            ticks.append(x)
+            names.append(init if len(fractions) == 1 else f"{init}\n{fraction:.0%}")
+            label = init if len(fractions) == 1 else f"{init} @ {fraction:g}"
+            steps = group[0]["learning_curve"]["step"]
+            curves = np.array([r["learning_curve"]["mean_dice"] for r in group if r["learning_curve"]["step"] == steps],
+                              dtype=float)
+            mean, spread = curves.mean(0), curves.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
+            curve_ax.plot(steps, mean, color=colours[init], linestyle=styles[fraction], label=label)
+            curve_ax.fill_between(steps, mean - spread, mean + spread, color=colours[init], alpha=0.15)
+            losses = np.array([[np.nan if v is None else v for v in r["train_loss"]] for r in group], dtype=float)
+            window = max(1, losses.shape[1] // 20)
+            smooth = np.convolve(np.nanmean(losses, 0), np.ones(window) / window, mode="valid")
+            loss_ax.plot(np.arange(window, losses.shape[1] + 1), smooth, color=colours[init],
+                         linestyle=styles[fraction], label=label)
+    dice_ax.set_xticks(ticks, names, fontsize=8)
+    if len(fractions) > 1:
+        dice_ax.set_xlabel("initialisation, share of the training cases fine-tuned on")
+    dice_ax.set_ylabel("mean test Dice of the final model")
+    dice_ax.set_title("test Dice per initialisation (points: seeds; black: mean ± std)")
+    curve_ax.set_xlabel("fine-tuning step")
+    curve_ax.set_ylabel("mean test Dice")
+    curve_ax.set_title("learning curves (mean over seeds ± std)")
+    loss_ax.set_xlabel("fine-tuning step")
+    loss_ax.set_ylabel("training loss (moving average)")
+    loss_ax.set_title("training loss (mean over seeds)")
+    for ax in (dice_ax, curve_ax, loss_ax):
+        ax.grid(alpha=0.3)
+    for ax in (curve_ax, loss_ax):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    budget = evaluation["budget"]
+    fig.suptitle(f"voco evaluate: {budget['architecture']}, {budget['steps']} steps, batch {budget['batch_size']}, "
+                 f"patch {budget['patch_size']}, test cases {', '.join(evaluation['test_cases'])}")
+    _save(fig, path)

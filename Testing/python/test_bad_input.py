@@ -76,6 +76,9 @@ def output_argv(command, out, tmp_path):
     if command == "finetune":
         return ["finetune", "--data", labelled_dataset(tmp_path / "data"), "--out", out, "--steps", "1",
                 "--patch-size", "32", "--spacing", "2,2,2", "--device", "cpu"]
+    if command == "evaluate":
+        return ["evaluate", "--data", labelled_dataset(tmp_path / "data"), "--out", out, "--init", "scratch",
+                "--seeds", "1", "--steps", "1", "--patch-size", "32", "--spacing", "2,2,2", "--device", "cpu"]
     if command == "crops":
         return ["crops", image(tmp_path / "scan.nii.gz"), "--out", out]
     if command == "positions":
@@ -83,7 +86,7 @@ def output_argv(command, out, tmp_path):
     return ["demo", "--out", out, "--steps", "1"]
 
 
-FOLDER_COMMANDS = ["segment", "pretrain", "finetune", "crops", "positions", "demo"]
+FOLDER_COMMANDS = ["segment", "pretrain", "finetune", "evaluate", "crops", "positions", "demo"]
 
 
 @pytest.mark.parametrize("command", FOLDER_COMMANDS)
@@ -120,7 +123,7 @@ def read_only_folder(kind, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["chmod", "sysfs"])
-@pytest.mark.parametrize("command", ["segment", "pretrain", "finetune", "crops"])
+@pytest.mark.parametrize("command", ["segment", "pretrain", "finetune", "evaluate", "crops"])
 def test_a_read_only_output_folder_is_an_error_before_any_work(command, kind, tmp_path, capsys):
     folder = read_only_folder(kind, tmp_path)
     try:

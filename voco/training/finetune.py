@@ -68,6 +68,10 @@ class FinetuneConfig:
     val_every: int = 100
     checkpoint_every: int = 100
     val_cases: int | None = None  # None: one case in five (at least one when there are two or more)
+    # An explicit split by case name (voco evaluate): when either is given, --val-cases and the seed's
+    # draw are not used; the one not given is every other case.
+    train_case_names: list[str] | None = None
+    val_case_names: list[str] | None = None
     name: str | None = None
     seed: int = 0
     positive_fraction: float = 0.5
@@ -99,7 +103,9 @@ class Case:
 
 
 class Finetuner:
-    def __init__(self, config: FinetuneConfig, reporter, device: str = "auto", resume: bool = False):
+    def __init__(self, config: FinetuneConfig, reporter, device: str = "auto", resume: bool = False,
+                 case_cache: dict | None = None):
+        """``case_cache``: preprocessed cases kept between runs on the same data (voco evaluate)."""
         config.validate()
         self.config, self.reporter = config, reporter
         self.run_dir = Path(config.out)
@@ -120,7 +126,7 @@ class Finetuner:
             config.modality = card.preprocessing.modality
 
         self.labels = self._labels(pairs, card, state)
-        self.cases = self._load_cases(pairs)
+        self.cases = self._cached_cases(pairs, case_cache)
         self.train_cases, self.val_cases, self.val_on_training = self._split(self.cases)
 
         torch.manual_seed(config.seed)
@@ -174,6 +180,20 @@ class Finetuner:
             raise VocoInputError(f"{len(labels)} labels; at most {MAX_CLASSES} are supported", self.config.data)
         return labels
 
+    def _cached_cases(self, pairs, cache: dict | None) -> list[Case]:
+        """The cases preprocessed as this run needs them; a run on the same files, labels and
+        preprocessing takes those of an earlier one from ``cache`` (training never changes them)."""
+        config = self.config
+        key = (tuple(map(str, pairs)), tuple(label.value for label in self.labels), tuple(config.spacing),
+               config.patch_size, config.modality)
+        if cache is not None and key in cache:
+            cases, self.modality = cache[key]
+            return cases
+        cases = self._load_cases(pairs)
+        if cache is not None:
+            cache[key] = cases, self.modality
+        return cases
+
     def _load_cases(self, pairs) -> list[Case]:
         config = self.config
         lookup = np.zeros(max(label.value for label in self.labels) + 1, dtype=np.uint8)
@@ -193,11 +213,13 @@ class Finetuner:
             foreground = torch.nonzero(classes[0])
             if len(foreground) > 20000:  # enough centres to choose from; keeps memory small
                 foreground = foreground[torch.randperm(len(foreground), generator=torch.Generator().manual_seed(0))[:20000]]
-            cases.append(Case(_case_name(image_path), image, classes, foreground))
+            cases.append(Case(case_name(image_path), image, classes, foreground))
         self.modality = modality
         return cases
 
     def _split(self, cases):
+        if self.config.train_case_names is not None or self.config.val_case_names is not None:
+            return self._split_by_name(cases)
         count = self.config.val_cases
         if count is None:
             count = max(1, len(cases) // 5) if len(cases) >= 2 else 0
@@ -208,6 +230,28 @@ class Finetuner:
         train = [cases[i] for i in sorted(order[count:])]
         if not val:
             self.reporter.emit("warning", message="only one labelled case: validating on the training case "
+                                                  "(the Dice it reports is not a held-out measure)")
+        return train, val or train, not val
+
+    def _split_by_name(self, cases):
+        names = [case.name for case in cases]
+        check_unique_case_names(names, self.config.data)
+        chosen = {}
+        for kind in ("train", "val"):
+            given = getattr(self.config, f"{kind}_case_names")
+            unknown = sorted(set(given or ()) - set(names))
+            if unknown:
+                raise VocoInputError(f"no case named {unknown[0]!r} (the dataset has {', '.join(names)})",
+                                     self.config.data)
+            chosen[kind] = set(given) if given is not None else None
+        train_names = chosen["train"] if chosen["train"] is not None else set(names) - chosen["val"]
+        val_names = chosen["val"] if chosen["val"] is not None else set(names) - chosen["train"]
+        train = [case for case in cases if case.name in train_names]  # dataset order: as the seed draws them
+        val = [case for case in cases if case.name in val_names]
+        if not train:
+            raise VocoInputError("the split by case name leaves no training case", self.config.data)
+        if not val:
+            self.reporter.emit("warning", message="no validation case: validating on the training cases "
                                                   "(the Dice it reports is not a held-out measure)")
         return train, val or train, not val
 
@@ -394,15 +438,25 @@ def next_version(parent: str, taken) -> str:
     return str(max(majors, default=0) + 1)
 
 
-def _case_name(path: Path) -> str:
+def case_name(path: Path) -> str:
+    """A case's name: its image file's name without the suffix and nnU-Net's ``_0000`` channel tag."""
     from ..data.sources import image_suffix
 
     name = Path(path).name
     return name[: -len(image_suffix(name) or "")].removesuffix("_0000")
 
 
-def finetune(config: FinetuneConfig, reporter, device: str = "auto", resume: bool = False) -> int:
-    return Finetuner(config, reporter, device, resume).run()
+def check_unique_case_names(names: list[str], data) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise VocoInputError(f"two cases are named {name!r}: a split by case name needs unique names", data)
+        seen.add(name)
+
+
+def finetune(config: FinetuneConfig, reporter, device: str = "auto", resume: bool = False,
+             case_cache: dict | None = None) -> int:
+    return Finetuner(config, reporter, device, resume, case_cache).run()
 
 
 def resumable_config(run_dir, given: dict) -> FinetuneConfig:

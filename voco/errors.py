@@ -10,3 +10,11 @@ class VocoInputError(Exception):
     def __init__(self, message: str, path=None):
         super().__init__(f"{path}: {message}" if path is not None else message)
         self.path = path
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, short enough for a one-line report (a library's
+    error often goes on for pages)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(error).__name__
+    return reason if len(reason) <= 200 else reason[:197] + "..."

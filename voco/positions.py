@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .checkpoints.files import load_checkpoint
-from .errors import VocoInputError
+from .errors import VocoInputError, first_line
 from .layout import CropLayout, crop_layout, write_json, write_label_volume
 from .models.voco import Student, build_teacher, voco_forward
 from .training.pretrain import FORMAT, PretrainConfig
@@ -34,8 +34,7 @@ def load_pretrained(path: str | Path, device="cpu"):
         if teacher is not None:
             teacher.load_state_dict(state["teacher"])
     except (KeyError, RuntimeError) as error:  # missing, renamed or reshaped tensors
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise VocoInputError(f"its weights do not fit the network its configuration names: {first[:160]}",
+        raise VocoInputError(f"its weights do not fit the network its configuration names: {first_line(error)}",
                              path) from None
     if teacher is not None:
         teacher.to(device)

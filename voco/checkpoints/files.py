@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import VocoInputError
+from ..errors import VocoInputError, first_line
 
 
 @contextmanager
@@ -217,8 +217,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise VocoInputError(f"refused: it contains pickled code or objects{what}; only tensors and plain "
                              "data are loaded (weights_only=True)", path) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise VocoInputError(f"not a readable PyTorch checkpoint (truncated or corrupt?): {first[:160]}", path) from None
+        raise VocoInputError(f"not a readable PyTorch checkpoint (truncated or corrupt?): {first_line(exc)}",
+                             path) from None
     if not isinstance(state, dict):
         raise VocoInputError(f"not a checkpoint dictionary (found {type(state).__name__})", path)
     return state

@@ -31,7 +31,7 @@ from monai.transforms import (
 )
 
 from voco.data.sources import image_suffix
-from voco.errors import VocoInputError
+from voco.errors import VocoInputError, first_line
 
 MODALITIES = ("auto", "ct", "ct-chest", "mri")
 MIN_EDGE = 8  # voxels; the smallest VoCo crop is larger, and thinner stacks are really 2-D
@@ -107,7 +107,7 @@ def read_volume(path: str | Path) -> MetaTensor:
     try:
         image = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path), reader=reader)
     except Exception as error:  # each library fails its own way on a bad file; all mean "unreadable"
-        raise VocoInputError(f"cannot be read as an image: {_one_line(error)}", path) from None
+        raise VocoInputError(f"cannot be read as an image: {first_line(error)}", path) from None
     image = _single_volume(image, path)
     _check_geometry(image.affine.numpy(), path)
     _check_content(image, path)
@@ -123,7 +123,7 @@ def read_label_map(path: str | Path, image: MetaTensor) -> MetaTensor:
     try:
         label = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path))
     except Exception as error:
-        raise VocoInputError(f"cannot be read as a label map: {_one_line(error)}", path) from None
+        raise VocoInputError(f"cannot be read as a label map: {first_line(error)}", path) from None
     label = _single_volume(label, path)
     if tuple(label.shape) != tuple(image.shape):
         raise VocoInputError(f"label map does not match its image: shape {_shape_text(label.shape[1:])} vs "
@@ -245,7 +245,7 @@ def _check_nrrd_header(path: Path) -> None:
     try:
         header = nrrd.read_header(str(path))
     except Exception as error:
-        raise VocoInputError(f"cannot be read as an image: {_one_line(error)}", path) from None
+        raise VocoInputError(f"cannot be read as an image: {first_line(error)}", path) from None
     directions = header.get("space directions")
     if directions is None:
         raise VocoInputError("has no 'space directions': its voxel spacing and orientation are unknown", path)
@@ -407,8 +407,3 @@ def _shape_text(shape) -> str:
     return "x".join(str(edge) for edge in shape)
 
 
-def _one_line(error: Exception) -> str:
-    """The first line of an exception's message, short enough for a one-line report."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    reason = lines[0] if lines else type(error).__name__
-    return reason if len(reason) <= 200 else reason[:197] + "..."

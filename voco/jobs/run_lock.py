@@ -18,7 +18,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..checkpoints.files import check_output_folder
+from ..checkpoints.files import check_output_folder, remove_stale_temporaries
 from ..errors import VocoInputError
 
 LOCK_NAME = ".lock"
@@ -73,8 +73,6 @@ def run_lock(run_dir, rank: int = 0):
         handle.truncate()
         handle.write(b" " * _HOLDER_OFFSET + f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         handle.flush()
-        from ..checkpoints.files import remove_stale_temporaries  # here: this module stays free of torch
-
         remove_stale_temporaries(run_dir)
         yield
     except BaseException:

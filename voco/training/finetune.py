@@ -34,7 +34,7 @@ from monai.losses import DiceCELoss
 from ..checkpoints.files import atomic_path, load_checkpoint, require_finite, save_checkpoint
 from ..data.sources import MAX_LABEL_VALUE, dataset_label_names, list_labelled_cases
 from ..data.volumes import Preprocessing, check_declared_size, preprocess_pair, read_label_map, read_volume
-from ..errors import VocoInputError
+from ..errors import VocoInputError, first_line
 from ..inference.sliding_window import SlidingWindowPredictor
 from ..jobs.progress import finite_or_none
 from ..jobs.signals import StopRequest
@@ -423,7 +423,7 @@ def _label_values(path: Path) -> np.ndarray:
     try:
         values = np.unique(LoadImage(image_only=True)(str(path)).numpy())
     except Exception as error:
-        raise VocoInputError(f"cannot be read as a label map: {str(error).splitlines()[0][:160]}", path) from None
+        raise VocoInputError(f"cannot be read as a label map: {first_line(error)}", path) from None
     if not np.isfinite(values).all() or (values < 0).any() or (values != values.round()).any() \
             or values.max(initial=0) > MAX_LABEL_VALUE:
         raise VocoInputError(f"is not a label map: values must be non-negative whole numbers up to {MAX_LABEL_VALUE}",

@@ -29,7 +29,7 @@ from ..checkpoints.files import atomic_path, load_checkpoint, require_finite, sa
 from ..data.crops import sample_batch
 from ..data.sources import list_images
 from ..data.volumes import Preprocessing, load_volumes
-from ..errors import VocoInputError
+from ..errors import VocoInputError, first_line
 from ..jobs.progress import finite_or_none
 from ..jobs.signals import StopRequest
 from ..models.backbones import check_input_edge
@@ -161,8 +161,7 @@ class Pretrainer:
         try:
             self._restore(state)
         except (KeyError, RuntimeError, ValueError) as error:  # tensors missing, renamed or reshaped
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise VocoInputError(f"--resume: its saved state does not fit this run: {first[:160]}",
+            raise VocoInputError(f"--resume: its saved state does not fit this run: {first_line(error)}",
                                  self.checkpoint_path) from None
 
     def _restore(self, state: dict) -> None:

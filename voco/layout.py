@@ -84,8 +84,9 @@ class CropLayout:
         }
 
 
-def crop_layout(image: str | Path, preset: Preset, seed: int = 0, modality: str = "auto") -> CropLayout:
-    volume = load_volume(image, Preprocessing.for_preset(preset, modality))
+def crop_layout(image: str | Path | Volume, preset: Preset, seed: int = 0, modality: str = "auto") -> CropLayout:
+    """The crops of ``seed`` on an image file, or on a volume already loaded for ``preset``."""
+    volume = image if isinstance(image, Volume) else load_volume(image, Preprocessing.for_preset(preset, modality))
     batch = sample_batch([volume.image], preset, seed, step=0, indices=[0])
     return CropLayout(volume, preset, seed, batch)
 

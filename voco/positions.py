@@ -15,6 +15,7 @@ import torch
 
 from .checkpoints.files import load_checkpoint
 from .errors import VocoInputError, first_line
+from .data.volumes import Preprocessing, load_volume
 from .layout import CropLayout, crop_layout, write_json, write_label_volume
 from .models.voco import Student, build_teacher, voco_forward
 from .training.pretrain import FORMAT, PretrainConfig
@@ -71,6 +72,27 @@ def baselines(layout: CropLayout, config: PretrainConfig, device="cpu") -> dict:
     return {"untrained": {"predicted": untrained, **position_scores(untrained, truth)},
             "constant_prior": {"value": float(truth.mean()), "predicted": prior,
                                "mean_abs_error": float(np.abs(prior - truth).mean()),
+                               "top_base_accuracy_chance": 1.0 / truth.shape[1]}}
+
+
+def compare_over_layouts(image, checkpoint, seeds, device="cpu") -> dict:
+    """The trained network, the untrained one and the constant prior scored over the layouts of
+    ``seeds`` (one layout has only a few targets: many give a steadier figure)."""
+    student, teacher, config = load_pretrained(checkpoint, device)
+    untrained = untrained_like(config, device)
+    volume = load_volume(image, Preprocessing.for_preset(config.preset, config.modality))
+    truths, trained, initial = [], [], []
+    for seed in seeds:
+        layout = crop_layout(volume, config.preset, seed)
+        truths.append(layout.labels)
+        trained.append(predict_positions(layout, student, teacher, device))
+        initial.append(predict_positions(layout, *untrained, device))
+    truth = np.concatenate(truths)
+    prior = np.full_like(truth, truth.mean())
+    return {"layouts": len(truths), "targets": len(truth),
+            "trained": position_scores(np.concatenate(trained), truth),
+            "untrained": position_scores(np.concatenate(initial), truth),
+            "constant_prior": {"value": float(truth.mean()), "mean_abs_error": float(np.abs(prior - truth).mean()),
                                "top_base_accuracy_chance": 1.0 / truth.shape[1]}}
 
 

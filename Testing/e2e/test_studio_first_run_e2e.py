@@ -72,7 +72,10 @@ def test_a_new_user_segments_a_ct_with_vocomni_and_fine_tunes_it(first_run, modu
     expect(tid(page, "training-set-count")).to_contain_text("1 case", timeout=60_000)
 
     tid(page, "tab-pretrain").click()
-    choose(page, "finetune-init-select", "vocomni-b v1.0")
+    # The version that segmented the case was scored on the correction: its title says so.
+    scored = tid(page, "finetune-init-select").locator("option", has_text="vocomni-b v1.0").first.text_content().strip()
+    assert scored.startswith("vocomni-b v1.0 — Dice on unseen cases ") and "(n=1)" in scored, scored
+    choose(page, "finetune-init-select", scored)
     input_of(page, "pretrain-finetune-steps-input").fill("1")
     input_of(page, "finetune-patch-input").fill("64")
     input_of(page, "finetune-batch-input").fill("1")

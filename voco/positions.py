@@ -64,15 +64,18 @@ def position_scores(predicted: np.ndarray, truth: np.ndarray) -> dict:
             "top_base_accuracy": float((predicted.argmax(1) == truth.argmax(1)).mean())}
 
 
+def constant_prior(truth: np.ndarray) -> dict:
+    """The prior that predicts the mean true overlap for every target and base, and its score."""
+    return {"value": float(truth.mean()), "mean_abs_error": float(np.abs(truth - truth.mean()).mean()),
+            "top_base_accuracy_chance": 1.0 / truth.shape[1]}
+
+
 def baselines(layout: CropLayout, config: PretrainConfig, device="cpu") -> dict:
-    """The untrained network's and the constant prior's predictions and scores on ``layout``."""
+    """The untrained network's predictions and scores and the constant prior on ``layout``."""
     truth = layout.labels
     untrained = predict_positions(layout, *untrained_like(config, device), device)
-    prior = np.full_like(truth, truth.mean())
     return {"untrained": {"predicted": untrained, **position_scores(untrained, truth)},
-            "constant_prior": {"value": float(truth.mean()), "predicted": prior,
-                               "mean_abs_error": float(np.abs(prior - truth).mean()),
-                               "top_base_accuracy_chance": 1.0 / truth.shape[1]}}
+            "constant_prior": constant_prior(truth)}
 
 
 def compare_over_layouts(image, checkpoint, seeds, device="cpu") -> dict:
@@ -88,12 +91,10 @@ def compare_over_layouts(image, checkpoint, seeds, device="cpu") -> dict:
         trained.append(predict_positions(layout, student, teacher, device))
         initial.append(predict_positions(layout, *untrained, device))
     truth = np.concatenate(truths)
-    prior = np.full_like(truth, truth.mean())
     return {"layouts": len(truths), "targets": len(truth),
             "trained": position_scores(np.concatenate(trained), truth),
             "untrained": position_scores(np.concatenate(initial), truth),
-            "constant_prior": {"value": float(truth.mean()), "mean_abs_error": float(np.abs(prior - truth).mean()),
-                               "top_base_accuracy_chance": 1.0 / truth.shape[1]}}
+            "constant_prior": constant_prior(truth)}
 
 
 def heatmap(layout: CropLayout, predicted: np.ndarray, target: int) -> np.ndarray:

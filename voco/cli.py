@@ -53,6 +53,14 @@ def _add_preset_options(p) -> None:
                    help="intensity preprocessing: CT window -175..250 HU, chest CT -1000..500, MRI z-score")
 
 
+def _add_finetuning_options(p) -> None:
+    """The fine-tuning settings voco finetune and voco evaluate both take."""
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--patch-size", type=int, default=None, help="training patch edge in voxels (multiple of 32)")
+    p.add_argument("--modality", choices=["auto", "ct", "ct-chest", "mri"], default=None)
+    p.add_argument("--lr", type=float, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models.backbones import BACKBONES
 
@@ -95,11 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", choices=BACKBONES, default=None,
                    help="architecture (default: the one of --init, else swinunetr-tiny)")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--patch-size", type=int, default=None, help="training patch edge in voxels (multiple of 32)")
+    _add_finetuning_options(p)
     p.add_argument("--spacing", help="resample to X,Y,Z mm (default: that of --init's model card, else 1.5)")
-    p.add_argument("--modality", choices=["auto", "ct", "ct-chest", "mri"], default=None)
-    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--val-every", type=int, default=None, help="steps between validations")
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--val-cases", type=int, default=None, help="cases held out for validation (default: 1 in 5)")
@@ -121,11 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder: config.json, runs/, results/, evaluation.json, evaluation.png")
     p.add_argument("--backbone", choices=BACKBONES, default=None,
                    help="architecture (default: the one of the first --init that has one, else swinunetr-tiny)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--patch-size", type=int, default=None, help="training patch edge in voxels (multiple of 32)")
+    _add_finetuning_options(p)
     p.add_argument("--spacing", help="resample to X,Y,Z mm (default 1.5)")
-    p.add_argument("--modality", choices=["auto", "ct", "ct-chest", "mri"], default=None)
-    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--val-every", type=int, default=None, help="steps between test-Dice points of the learning curve")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (under torchrun: cuda:LOCAL_RANK)")
 

@@ -62,7 +62,7 @@ def _add_finetuning_options(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models.backbones import BACKBONES
+    from .models.architectures import BACKBONES
 
     parser = _Parser(prog="voco", description="VoCo pretraining engine for 3D medical images")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)

@@ -22,10 +22,15 @@ import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import VocoInputError, first_line
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only by the functions that save or load tensors: the paths, checksums and
+# atomic writes here serve commands that must answer without it (voco models list, --help).
 
 
 @contextmanager
@@ -187,6 +192,8 @@ def _umask() -> int:
 
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
+    import torch
+
     with atomic_path(path) as tmp, open(tmp, "wb") as stream:
         torch.save(state, stream)  # through a Python file, a full disk raises OSError(ENOSPC), not torch's text
     return Path(path)
@@ -194,6 +201,8 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
 
 def require_finite(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
     """Refuse to save weights with NaN or infinite values: they would replace good ones."""
+    import torch
+
     bad = [name for name, value in tensors.items()
            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
     if bad:
@@ -204,6 +213,8 @@ def require_finite(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """``torch.load(weights_only=True)`` with one-line errors for missing, truncated, foreign
     and code-carrying files."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise VocoInputError("checkpoint does not exist", path)

@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import VocoInputError
-from ..models.backbones import SWIN_SIZES
-from ..models.segmentation import build_segmentation_network, is_backbone_key
+from ..models.architectures import SWIN_SIZES, is_backbone_key
 from ..registry.package import FORMAT as PACKAGE_FORMAT
 from ..registry.package import read_package
 from .files import load_checkpoint
@@ -246,6 +245,8 @@ def _expected_backbone(names: list[str], architecture: str, layout: str) -> list
 
 def inspect_checkpoint(path) -> dict:
     """What a file holds and how it loads into a fresh network of the architecture it holds."""
+    from ..models.segmentation import build_segmentation_network
+
     weights = read_weights(path)
     with _meta_device():  # shapes and names only: an H-sized network costs no memory here
         network = build_segmentation_network(weights.architecture, weights.in_channels, weights.num_classes or 2)

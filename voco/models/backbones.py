@@ -11,18 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import VocoInputError
-
-# MONAI SwinUNETR sizes of the published models (feature_size 48 / 96 / 192). Tiny is ours, for
-# CPU tests and the demo: at feature size 12 the cost is the 7^3-token attention windows, so it
-# uses 4^3 windows (10x faster on 64^3 crops), and group norm so that it also runs on 32^3 crops,
-# whose bottleneck map is a single voxel that instance norm cannot normalise.
-SWIN_SIZES = {
-    "swinunetr-tiny": {"feature_size": 12, "window_size": 4, "norm_name": ("group", {"num_groups": 3})},
-    "swinunetr-b": {"feature_size": 48},
-    "swinunetr-l": {"feature_size": 96},
-    "swinunetr-h": {"feature_size": 192},
-}
-BACKBONES = (*SWIN_SIZES, "resencl")
+from .architectures import BACKBONES, SWIN_SIZES
 
 
 def check_input_edge(name: str, edge: int) -> None:

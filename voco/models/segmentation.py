@@ -10,11 +10,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import VocoInputError
-from .backbones import BACKBONES, SWIN_SIZES, ResEncLEncoder
-
-# Encoder parameter prefixes: what a pretrained backbone checkpoint provides.
-SWIN_BACKBONE_PREFIXES = ("swinViT.", "encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.")
-RESENC_BACKBONE_PREFIXES = ("encoder.",)
+from .architectures import BACKBONES, SWIN_SIZES, is_backbone_key  # noqa: F401 (is_backbone_key: re-exported)
+from .backbones import ResEncLEncoder
 
 
 def build_segmentation_network(architecture: str, in_channels: int, num_classes: int) -> nn.Module:
@@ -41,14 +38,6 @@ def build_segmentation_network(architecture: str, in_channels: int, num_classes:
             norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
             nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
     raise VocoInputError(f"unknown architecture {architecture!r}; choose one of {', '.join(BACKBONES)}")
-
-
-def backbone_prefixes(architecture: str) -> tuple[str, ...]:
-    return RESENC_BACKBONE_PREFIXES if architecture == "resencl" else SWIN_BACKBONE_PREFIXES
-
-
-def is_backbone_key(architecture: str, key: str) -> bool:
-    return key.startswith(backbone_prefixes(architecture))
 
 
 def patch_multiple(architecture: str) -> int:

@@ -25,12 +25,14 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..checkpoints.files import atomic_folder, atomic_path, complete_folder, load_checkpoint, save_checkpoint, sha256_of
 from ..errors import VocoInputError
-from ..models.backbones import BACKBONES
+from ..models.architectures import BACKBONES
+
+if TYPE_CHECKING:  # cards are read without torch (voco models list); only weights need it
+    import torch
 
 CARD_NAME = "model.json"
 WEIGHTS_NAME = "weights.pt"

@@ -44,7 +44,7 @@ from pathlib import Path, PurePosixPath
 
 from ..checkpoints.files import replace_folder, sha256_of
 from ..errors import VocoInputError
-from ..models.backbones import BACKBONES
+from ..models.architectures import BACKBONES
 from .download import fetch
 from .package import (CARD_NAME, WEIGHTS_NAME, Label, ModelCard, ModelPackage, Preprocessing, published_state_dict,
                       read_package)

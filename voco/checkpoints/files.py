@@ -223,16 +223,24 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        named = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line]
-        what = f" ({named[0][:120]})" if named else ""
-        raise VocoInputError(f"refused: it contains pickled code or objects{what}; only tensors and plain "
-                             "data are loaded (weights_only=True)", path) from None
+        named = re.search(r"GLOBAL (\S+)", str(exc))
+        raise checkpoint_refused(path, named and f"GLOBAL {named.group(1)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise VocoInputError(f"not a readable PyTorch checkpoint (truncated or corrupt?): {first_line(exc)}",
-                             path) from None
+        raise checkpoint_unreadable(path, first_line(exc)) from None
     if not isinstance(state, dict):
         raise VocoInputError(f"not a checkpoint dictionary (found {type(state).__name__})", path)
     return state
+
+
+def checkpoint_refused(path: Path, name: str | None) -> VocoInputError:
+    """The error for a checkpoint that pickles code or objects (``name``: the global it names)."""
+    what = f" ({name[:120]})" if name else ""
+    return VocoInputError(f"refused: it contains pickled code or objects{what}; only tensors and plain data are "
+                          "loaded (weights_only=True)", path)
+
+
+def checkpoint_unreadable(path: Path, reason: str) -> VocoInputError:
+    return VocoInputError(f"not a readable PyTorch checkpoint (truncated or corrupt?): {reason}", path)
 
 
 def sha256_of(path: str | Path) -> str:

@@ -19,22 +19,31 @@ Names are normalised to this project's parameter names, then tensors whose name 
 are copied: a changed input channel count drops the patch embedding, a changed class count the
 output head. A by-name loader can silently load nothing, so every load counts what matched and
 refuses a file that fills too little of the backbone.
+
+Reading and matching need only names and shapes: ``inspect_checkpoint`` reads them without torch
+(``tensor_headers``) and matches them against the network's table (``models.network_shapes``);
+torch is imported where tensors are loaded or copied.
 """
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import VocoInputError
 from ..models.architectures import SWIN_SIZES, is_backbone_key
+from ..models.network_shapes import network_shapes, state_shapes
 from ..registry.package import FORMAT as PACKAGE_FORMAT
 from ..registry.package import read_package
 from .files import load_checkpoint
+from .tensor_headers import NeedsTorch, TensorHeader, read_tensor_headers
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # A file pretrained with another input channel count misses only the tensors that read the input
 # (the patch embedding and encoder1's two input convolutions: 3 of 145..167 SwinUNETR backbone
@@ -60,7 +69,7 @@ LAYOUT_BACKBONE_PREFIXES = {"monai-ssl": ("swinViT.",)}
 class CheckpointWeights:
     path: Path
     layout: str  # "voco-ssl-head", "voco-training", "monai-ssl", "nnssl", "voco-pretrain", "voco-model"
-    state: dict[str, torch.Tensor]  # keys normalised to this project's parameter names
+    state: dict[str, torch.Tensor]  # keys normalised (TensorHeaders when read for inspection) to this project's parameter names
     architecture: str | None
     in_channels: int | None
     num_classes: int | None  # when the file carries a segmentation head
@@ -92,15 +101,16 @@ class LoadReport:
 
 # -- reading -------------------------------------------------------------------------------------
 
-def read_weights(path) -> CheckpointWeights:
-    """The weights of a checkpoint file or model-package folder, with this project's names."""
+def read_weights(path, loader=load_checkpoint) -> CheckpointWeights:
+    """The weights of a checkpoint file or model-package folder, with this project's names;
+    ``loader=read_tensor_headers`` reads only their names, dtypes and shapes (no torch)."""
     path = Path(path)
     notes = []
     if path.is_dir():
         package = read_package(path)
         notes.append(f"model package {package.card.name} {package.card.version}")
         path = package.weights_path
-    raw = load_checkpoint(path)
+    raw = loader(path)
     layout, state, plan = _unpack(raw, path, notes)
     state, changed = _unwrap(state, notes)
     state, renamed = _rename_monai(state, notes)
@@ -125,10 +135,16 @@ def _unpack(raw: dict, path: Path, notes: list[str]) -> tuple[str | None, dict[s
             if key == "student" and raw.get("teacher") is not None:
                 notes.append(STUDENT_NOTE)
             break
-    tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in state.items() if isinstance(k, str) and _is_tensor(v)}
     if not tensors:
         raise VocoInputError(f"holds no tensors (first keys: {_first_keys(state)})", path)
     return layout, tensors, plan if isinstance(plan, dict) else None
+
+
+def _is_tensor(value) -> bool:
+    """A tensor of either reader: a header, or torch's (which exists only once torch is imported)."""
+    torch = sys.modules.get("torch")
+    return isinstance(value, TensorHeader) or (torch is not None and isinstance(value, torch.Tensor))
 
 
 def _unwrap(state: dict, notes: list[str]) -> tuple[dict, bool]:
@@ -179,7 +195,7 @@ def _detect(state: dict, path: Path) -> tuple[str, int, int | None]:
             raise VocoInputError(f"SwinUNETR feature size {embedding.shape[0]} is none of the known sizes: {known}", path)
         head = state.get(SWIN_OUTPUT)
         return sizes[embedding.shape[0]], embedding.shape[1], None if head is None else head.shape[0]
-    stem = [v for k, v in state.items() if k.startswith(RESENC_STEM) and v.dim() == 5]
+    stem = [v for k, v in state.items() if k.startswith(RESENC_STEM) and len(v.shape) == 5]
     if stem:
         heads = {int(k[len(RESENC_OUTPUT):].split(".")[0]): v for k, v in state.items()
                  if k.startswith(RESENC_OUTPUT) and k.endswith(".weight")}
@@ -203,35 +219,44 @@ def load_weights(model: nn.Module, weights: CheckpointWeights, architecture: str
     registered twice (ResEnc-L's ``all_modules``, its decoder's reference to the encoder) appear
     under several names in a state dict but are one tensor.
     """
-    targets = model.state_dict(keep_vars=True)
-    canonical, first_of = {}, {}
-    for name, tensor in targets.items():
-        canonical[name] = first_of.setdefault(id(tensor), name)
-    matched, mismatched, unexpected, copies, seen = [], [], [], [], set()
-    for key, value in weights.state.items():
-        if key not in targets:
-            unexpected.append(key)
-        elif canonical[key] not in seen:  # a second name of a tensor already seen adds nothing
-            seen.add(canonical[key])
-            if targets[key].shape == value.shape:
-                matched.append(canonical[key])
-                copies.append((targets[key], value))
-            else:
-                mismatched.append(canonical[key])
-    unique = list(first_of.values())
-    missing = [name for name in unique if name not in seen]
-    backbone = _expected_backbone(unique, architecture, weights.layout)
-    report = LoadReport(matched, missing, mismatched, unexpected, len(backbone),
-                        len(set(backbone) & set(matched)))
+    import torch
+
+    report, copies = match_weights(state_shapes(model), weights, architecture)
     if report.fraction < min_backbone_fraction:
         raise VocoInputError(
             f"only {report.backbone_matched} of {report.backbone_total} backbone tensors match the {architecture} "
             f"network (the file holds {weights.architecture} weights with {weights.in_channels} input channels; "
             "architecture mismatch?)", weights.path)
+    targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for target, value in copies:
-            target.copy_(value)
+        for name, key in copies:
+            targets[name].copy_(weights.state[key])
     return report
+
+
+def match_weights(targets: list[tuple[str, tuple | str]], weights: CheckpointWeights,
+                  architecture: str) -> tuple[LoadReport, list[tuple[str, str]]]:
+    """What ``load_weights`` would copy into a network of ``targets`` (``network_shapes``' entries):
+    the report, and (network name, file key) of each tensor to copy."""
+    shapes = {name: shape for name, shape in targets if not isinstance(shape, str)}
+    canonical = {name: shape if isinstance(shape, str) else name for name, shape in targets}
+    matched, mismatched, unexpected, copies, seen = [], [], [], [], set()
+    for key, value in weights.state.items():
+        if key not in canonical:
+            unexpected.append(key)
+        elif canonical[key] not in seen:  # a second name of a tensor already seen adds nothing
+            name = canonical[key]
+            seen.add(name)
+            if shapes[name] == tuple(value.shape):
+                matched.append(name)
+                copies.append((name, key))
+            else:
+                mismatched.append(name)
+    unique = list(shapes)
+    missing = [name for name in unique if name not in seen]
+    backbone = _expected_backbone(unique, architecture, weights.layout)
+    return LoadReport(matched, missing, mismatched, unexpected, len(backbone),
+                      len(set(backbone) & set(matched))), copies
 
 
 def _expected_backbone(names: list[str], architecture: str, layout: str) -> list[str]:
@@ -244,13 +269,24 @@ def _expected_backbone(names: list[str], architecture: str, layout: str) -> list
 # -- inspecting ----------------------------------------------------------------------------------
 
 def inspect_checkpoint(path) -> dict:
-    """What a file holds and how it loads into a fresh network of the architecture it holds."""
-    from ..models.segmentation import build_segmentation_network
+    """What a file holds and how it loads into a fresh network of the architecture it holds.
 
-    weights = read_weights(path)
-    with _meta_device():  # shapes and names only: an H-sized network costs no memory here
-        network = build_segmentation_network(weights.architecture, weights.in_channels, weights.num_classes or 2)
-    report = load_weights(network, weights, weights.architecture, min_backbone_fraction=0.0)
+    Without torch where it can: names and shapes from the file (``read_tensor_headers``) against the
+    network's table. A file with torch objects that reader does not model, or a network the table does
+    not describe, is loaded and built with torch (on the meta device), giving the same report."""
+    try:
+        weights = read_weights(path, loader=read_tensor_headers)
+        targets = network_shapes(weights.architecture, weights.in_channels, weights.num_classes or 2)
+    except NeedsTorch:
+        targets = None
+    if targets is None:
+        from ..models.segmentation import build_segmentation_network
+
+        weights = read_weights(path)
+        with _meta_device():  # shapes and names only: an H-sized network costs no memory here
+            network = build_segmentation_network(weights.architecture, weights.in_channels, weights.num_classes or 2)
+        targets = state_shapes(network)
+    report, _ = match_weights(targets, weights, weights.architecture)
     plan = weights.plan or {}
     return {
         "path": str(weights.path), "layout": weights.layout, "architecture": weights.architecture,
@@ -279,11 +315,17 @@ def describe_inspection(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _parameter_count(state: dict[str, torch.Tensor]) -> int:
+def _parameter_count(state: dict) -> int:
     """Values of the distinct floating-point tensors (aliases saved under two names count once)."""
-    seen = {(v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)): v
-            for v in state.values() if v.is_floating_point()}
+    seen = {_where(v): v for v in state.values() if v.is_floating_point()}
     return sum(v.numel() for v in seen.values())
+
+
+def _where(tensor) -> tuple:
+    """Storage, offset and shape: the same for two names of one saved tensor."""
+    if isinstance(tensor, TensorHeader):
+        return tensor.storage, tensor.offset, tuple(tensor.shape)
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)
 
 
 @contextmanager
@@ -291,6 +333,8 @@ def _meta_device():
     """Build modules on the meta device (no memory, no initialisation). MONAI's SwinTransformer
     turns a ``torch.linspace`` of drop-path rates into floats with ``.item()``, which meta tensors
     refuse: that one call stays on the CPU."""
+    import torch
+
     linspace = torch.linspace
     torch.linspace = lambda *args, **kwargs: linspace(*args, **{**kwargs, "device": "cpu"})
     try:

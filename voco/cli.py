@@ -16,6 +16,11 @@ import warnings
 
 from .errors import VocoInputError
 
+# Help, usage errors, `models list`, `samples list` and `checkpoint inspect` import neither torch nor
+# MONAI (seconds; the Slicer module lists models on every enter): the parser takes its choices from
+# torch-free modules (models.architectures, presets) and each command imports what it computes with
+# inside its function. Testing/python/test_fast_commands.py fails on a heavy import on these paths.
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (and exit code 2) instead of the usage text."""

@@ -69,7 +69,7 @@ LAYOUT_BACKBONE_PREFIXES = {"monai-ssl": ("swinViT.",)}
 class CheckpointWeights:
     path: Path
     layout: str  # "voco-ssl-head", "voco-training", "monai-ssl", "nnssl", "voco-pretrain", "voco-model"
-    state: dict[str, torch.Tensor]  # keys normalised (TensorHeaders when read for inspection) to this project's parameter names
+    state: dict[str, torch.Tensor]  # keys normalised to this project's parameter names (or TensorHeaders)
     architecture: str | None
     in_channels: int | None
     num_classes: int | None  # when the file carries a segmentation head
@@ -276,13 +276,12 @@ def inspect_checkpoint(path) -> dict:
     not describe, is loaded and built with torch (on the meta device), giving the same report."""
     try:
         weights = read_weights(path, loader=read_tensor_headers)
-        targets = network_shapes(weights.architecture, weights.in_channels, weights.num_classes or 2)
     except NeedsTorch:
-        targets = None
+        weights = read_weights(path)
+    targets = network_shapes(weights.architecture, weights.in_channels, weights.num_classes or 2)
     if targets is None:
         from ..models.segmentation import build_segmentation_network
 
-        weights = read_weights(path)
         with _meta_device():  # shapes and names only: an H-sized network costs no memory here
             network = build_segmentation_network(weights.architecture, weights.in_channels, weights.num_classes or 2)
         targets = state_shapes(network)

@@ -136,12 +136,21 @@ def _bytes(text, encoding="latin1") -> bytes:
     return text.encode(encoding)
 
 
+def _bytearray(data=b"", encoding="latin1") -> bytearray:
+    """bytearray of bytes or text, never of a count (bytearray(10**12) would take the memory)."""
+    if isinstance(data, str):
+        return bytearray(_bytes(data, encoding))
+    if not isinstance(data, (bytes, bytearray)):
+        raise pickle.UnpicklingError("bytearray of something other than bytes")
+    return bytearray(data)
+
+
 _GLOBALS = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("collections", "Counter"): collections.Counter,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("builtins", "bytearray"): bytearray,
+    ("builtins", "bytearray"): _bytearray,
     ("builtins", "complex"): complex,
     ("_codecs", "encode"): _bytes,
     ("torch", "Size"): Size,
@@ -152,7 +161,7 @@ _GLOBALS = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     **{("torch", name): dtype for name, dtype in _STORAGES.items()},
-    **{("torch.storage", "UntypedStorage"): "uint8", ("torch.storage", "TypedStorage"): "uint8"},
+    ("torch.storage", "UntypedStorage"): "uint8",
     **{("torch", name): Dtype(name) for name in (*_ITEM_BYTES, *_FLOATING)},
 }
 

@@ -63,3 +63,12 @@ def test_checkpoint_inspect_imports_no_torch(published, what, output):
     seen, result = probe("checkpoint", "inspect", published[what], *output)
     assert seen == {"code": 0, "heavy": []}, result.stderr
     assert str(published[what]) in result.stdout
+
+
+def test_registry_cards_checksums_and_atomic_writes_import_no_torch():
+    modules = ("voco.checkpoints.files", "voco.checkpoints.layouts", "voco.registry.registry", "voco.registry.package",
+               "voco.models.architectures", "voco.models.network_shapes", "voco.presets", "voco.data.sample_data")
+    code = (f"import sys; import {', '.join(modules)}; "
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr

@@ -45,7 +45,6 @@ from pathlib import Path, PurePosixPath
 from ..checkpoints.files import replace_folder, sha256_of
 from ..errors import VocoInputError
 from ..models.architectures import BACKBONES
-from .download import fetch
 from .package import (CARD_NAME, WEIGHTS_NAME, Label, ModelCard, ModelPackage, Preprocessing, published_state_dict,
                       read_package)
 
@@ -227,6 +226,8 @@ def download(name: str, reporter, sha256: str | None = None, version: str | None
     record = installed_record(entry["name"], entry["version"])
     if record and expected in (None, record["sha256"]):
         return installed_path(record)
+    from .download import fetch  # http.client and urllib: not for listing models
+
     part = models_dir() / ".partial" / f"{entry['file']}.part"
     digest = fetch(entry["url"], part, name, reporter, expected, size=entry["size_bytes"])
     source = "registry" if entry["sha256"] else "--sha256" if sha256 else SERVER_SHA256

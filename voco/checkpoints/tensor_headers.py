@@ -100,6 +100,9 @@ class Device:
     def __repr__(self) -> str:
         return f"device(type={self.type!r}" + ("" if self.index is None else f", index={self.index}") + ")"
 
+    def __str__(self) -> str:
+        return self.type + ("" if self.index is None else f":{self.index}")
+
 
 def _device(spec, index=None) -> Device:
     if not isinstance(spec, str):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import run_voco
+from published_files import stride0_state
 from voco.checkpoints.layouts import (MIN_BACKBONE_FRACTION, STUDENT_NOTE, _meta_device, describe_inspection,
                                       inspect_checkpoint, load_weights, read_weights)
 from voco.cli import main
@@ -61,13 +62,7 @@ def shaped(shapes: dict, seed: int = 1) -> dict:
 
 
 def meta_state(architecture: str) -> dict:
-    """A network's names with stride-0 tensors of its shapes: value i for the i-th distinct tensor
-    (names of one shared tensor keep sharing it, as torch.save writes them)."""
-    with _meta_device():
-        network = build_segmentation_network(architecture, 1, 2)
-    values = {}
-    return {k: values.setdefault(id(v), torch.full((1,), len(values), dtype=v.dtype).expand(v.shape))
-            for k, v in network.state_dict(keep_vars=True).items()}
+    return stride0_state(architecture)
 
 
 def save(tmp_path, content, name="weights.pt"):

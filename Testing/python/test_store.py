@@ -158,6 +158,26 @@ def test_a_rerun_reads_only_new_or_changed_volumes_and_drops_removed_ones(source
     assert not (out / key).exists()
 
 
+def test_a_stored_volume_whose_file_was_deleted_is_made_again(store, sources, tmp_path):
+    out = tmp_path / "store"
+    shutil.copytree(store, out)
+    key = json.loads((out / "index.json").read_text())[1]["key"]
+    (out / key).unlink()
+    counts, _ = build(sources, out)
+    assert counts["ok"] == 1 and counts["unchanged"] == 2
+    assert store_files(out) == store_files(store)
+
+
+def test_a_damaged_store_is_refused_in_one_line(store, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(store, damaged)
+    (damaged / "plan.json").write_text("{not json")
+    code = main(["pretrain", "--data", str(damaged), "--out", str(tmp_path / "run"), *PRESET_ARGS, "--device", "cpu",
+                 "--backbone", "swinunetr-tiny"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and str(damaged / "plan.json") in lines[0]
+
+
 def test_an_unusable_volume_is_listed_as_skipped_with_its_reason_and_the_rest_stored(sources, tmp_path):
     flat = write_nifti(tmp_path / "flat.nii.gz", np.zeros((40, 40, 1)))
     counts, reporter = build([flat, sources[1]], tmp_path / "store")

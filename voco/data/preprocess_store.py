@@ -40,8 +40,12 @@ def prepare_volume(source: str, preprocessing, folder: str, known_sha: str | Non
     ``known_sha``). Runs in a worker process."""
     path = Path(source)
     stat = path.stat()
-    entry = {"source": source, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path),
+    entry = {"source": source, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": None,
              "key": volume_key(path)}
+    try:
+        entry["sha256"] = file_sha256(path)
+    except OSError as error:
+        return {**entry, "status": "skipped", "reason": f"{source}: cannot be read ({error.strerror})"}
     if entry["sha256"] == known_sha:
         return {**entry, "status": "unchanged"}
     try:
@@ -59,27 +63,35 @@ def _stat_matches(entry: dict, path: Path) -> bool:
     return entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns
 
 
+def _settle_plan(folder: Path, plan: dict) -> None:
+    """Write the plan of a new store; refuse to add to one made with other preprocessing."""
+    if not (folder / PLAN_NAME).is_file():
+        write_json(folder / PLAN_NAME, plan)
+        return
+    have = read_json(folder / PLAN_NAME, PLAN_NAME)
+    if have.get("preprocessing") != plan["preprocessing"] or have.get("format_version") != plan["format_version"]:
+        raise VocoInputError(f"the store was made with other preprocessing ({have.get('preprocessing')}); "
+                             "use another --out for this one", folder)
+
+
 def preprocess_store(sources: list[Path], folder, preprocessing, reporter, workers: int = 1) -> dict:
     """Bring ``folder`` up to date with ``sources``; returns the counts of the ``done`` event.
     The caller holds the folder's run lock."""
     folder = Path(folder)
     sources = [Path(s).resolve() for s in sources]
-    plan = plan_for(preprocessing)
-    if (folder / PLAN_NAME).is_file():
-        have = read_json(folder / PLAN_NAME, PLAN_NAME)
-        if have.get("preprocessing") != plan["preprocessing"] or have.get("format_version") != plan["format_version"]:
-            raise VocoInputError(f"the store was made with other preprocessing ({have.get('preprocessing')}); "
-                                 "use another --out for this one", folder)
-    else:
-        write_json(folder / PLAN_NAME, plan)
+    given = {str(s) for s in sources}
+    _settle_plan(folder, plan_for(preprocessing))
     known = {e["source"]: e for e in (read_json(folder / INDEX_NAME, INDEX_NAME)
                                       if (folder / INDEX_NAME).is_file() else [])}
+
+    def intact(entry: dict) -> bool:  # a stored volume's file may have been deleted since
+        return entry["status"] != "ok" or (folder / entry["key"]).is_file()
+
     entries = {str(s): known[str(s)] for s in sources
-               if str(s) in known and _stat_matches(known[str(s)], s)
-               and (known[str(s)]["status"] != "ok" or (folder / known[str(s)]["key"]).is_file())}
+               if str(s) in known and intact(known[str(s)]) and _stat_matches(known[str(s)], s)}
     counts = {"ok": 0, "skipped": 0, "unchanged": len(entries), "removed": 0}
     for source, entry in known.items():  # no longer given: out of the store
-        if source not in {str(s) for s in sources}:
+        if source not in given:
             (folder / entry["key"]).unlink(missing_ok=True)
             counts["removed"] += 1
     todo = [str(s) for s in sources if str(s) not in entries]
@@ -101,7 +113,7 @@ def preprocess_store(sources: list[Path], folder, preprocessing, reporter, worke
         reporter.emit("progress", stage="preprocess", done=len(entries), total=len(sources))
 
     save_index()  # removed sources leave the index before any work
-    for_source = {s: known[s]["sha256"] if s in known else None for s in todo}
+    for_source = {s: known[s]["sha256"] if s in known and intact(known[s]) else None for s in todo}
     if workers <= 1 or len(todo) <= 1:
         for source in todo:
             record(prepare_volume(source, preprocessing, str(folder), for_source[source]))

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import os
 import sys
-import warnings
 
 from .errors import VocoInputError
 
@@ -367,12 +365,13 @@ COMMANDS = {"pretrain": cmd_pretrain, "preprocess": cmd_preprocess, "crops": cmd
 
 def main(argv=None) -> int:
     from .jobs.progress import make_reporter
+    from .jobs.quiet_monai import quiet_monai
 
     argv = sys.argv[1:] if argv is None else list(argv)
     # Decided before parsing, so that a usage error also reaches a JSON-lines reader as an event.
     jsonl = "--progress=jsonl" in argv or any(a == "--progress" and b == "jsonl" for a, b in zip(argv, argv[1:]))
     reporter = make_reporter("jsonl" if jsonl else None, rank=int(os.environ.get("RANK", "0")))
-    _quiet_monai()
+    quiet_monai()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args, reporter)
@@ -398,10 +397,3 @@ def _report_error(message: str, reporter, jsonl: bool) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
 
-
-def _quiet_monai() -> None:
-    """MONAI's LoadImage tries its DICOM reader on every file nibabel cannot read, and that reader
-    announces each time that the optional GPU decoder nvImageCodec is missing: a logged line and a
-    UserWarning before our one ``error:`` line. Only those two are silenced; nothing of ours."""
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec", category=UserWarning)

@@ -16,6 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from ..errors import VocoInputError
+from ..jobs.quiet_monai import quiet_monai
 from .store import INDEX_NAME, PLAN_NAME, VOLUME_SUFFIX, plan_for, read_json, write_json, write_volume
 from .volumes import load_volume
 
@@ -120,7 +121,7 @@ def preprocess_store(sources: list[Path], folder, preprocessing, reporter, worke
     else:
         # spawn: a fork of a process that has loaded torch may deadlock in its thread pools
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context) as pool:
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=quiet_monai) as pool:
             pending = {pool.submit(prepare_volume, s, preprocessing, str(folder), for_source[s]) for s in todo}
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)

@@ -168,14 +168,26 @@ def test_a_stored_volume_whose_file_was_deleted_is_made_again(store, sources, tm
     assert store_files(out) == store_files(store)
 
 
-def test_a_damaged_store_is_refused_in_one_line(store, tmp_path, capsys):
+def cut_short(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize("damage, named, problem", [
+    (lambda store, key: (store / "plan.json").write_text("{not json"), "plan.json", "cannot read the store's plan"),
+    (lambda store, key: (store / key).unlink(), "key", "cannot be read as a store volume"),
+    (lambda store, key: cut_short(store / key), "key", "is damaged"),
+    (lambda store, key: (store / key).write_bytes(b"x" * 100), "key", "cannot be read as a store volume"),
+], ids=["plan", "volume missing", "volume cut short", "volume garbage"])
+def test_a_damaged_store_is_refused_in_one_line(store, tmp_path, capsys, damage, named, problem):
     damaged = tmp_path / "damaged"
     shutil.copytree(store, damaged)
-    (damaged / "plan.json").write_text("{not json")
+    key = json.loads((damaged / "index.json").read_text())[0]["key"]
+    damage(damaged, key)
     code = main(["pretrain", "--data", str(damaged), "--out", str(tmp_path / "run"), *PRESET_ARGS, "--device", "cpu",
                  "--backbone", "swinunetr-tiny"])
     lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and str(damaged / "plan.json") in lines[0]
+    assert code == 2 and len(lines) == 1, lines
+    assert str(damaged / (key if named == "key" else named)) in lines[0] and problem in lines[0]
 
 
 def test_an_unusable_volume_is_listed_as_skipped_with_its_reason_and_the_rest_stored(sources, tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -90,16 +91,30 @@ class VolumeFile:
 
     def __init__(self, path):
         self.path = Path(path)
-        with open(self.path, "rb") as file:
-            magic, length = _HEADER.unpack(file.read(_HEADER.size))
-            if magic != _MAGIC:
-                raise VocoInputError("is not a voco store volume", self.path)
-            header = json.loads(file.read(length))
-            self.shape = tuple(header["shape"])
-            self.dtype, self.scale, self.edge = np.dtype(header["dtype"]), header["scale"], header["chunk_edge"]
-            self.grid = tuple(-(-n // self.edge) for n in self.shape[1:])
-            self.offsets = np.frombuffer(file.read(8 * (int(np.prod(self.grid)) + 1)), dtype=np.uint64)
-            self.data_start = file.tell()
+        try:
+            with open(self.path, "rb") as file:
+                self._read_header(file)
+                size = os.fstat(file.fileno()).st_size
+        except (OSError, ValueError, KeyError, struct.error) as error:  # missing, unreadable, not ours
+            raise VocoInputError(f"cannot be read as a store volume ({getattr(error, 'strerror', None) or error}); "
+                                 "run voco preprocess again", self.path) from None
+        if size != self.data_start + int(self.offsets[-1]):  # cut short (a full disk, a copy stopped)
+            raise VocoInputError(f"is damaged: {size} bytes instead of {self.data_start + int(self.offsets[-1])}; "
+                                 "run voco preprocess again", self.path)
+
+    def _read_header(self, file) -> None:
+        magic, length = _HEADER.unpack(file.read(_HEADER.size))
+        if magic != _MAGIC:
+            raise ValueError("no voco store volume header")
+        header = json.loads(file.read(length))
+        self.shape = tuple(header["shape"])
+        self.dtype, self.scale, self.edge = np.dtype(header["dtype"]), header["scale"], header["chunk_edge"]
+        self.grid = tuple(-(-n // self.edge) for n in self.shape[1:])
+        count = int(np.prod(self.grid)) + 1
+        self.offsets = np.frombuffer(file.read(8 * count), dtype=np.uint64)
+        if len(self.offsets) != count:
+            raise ValueError("its chunk table is cut short")
+        self.data_start = file.tell()
 
     def _chunk(self, file, cx: int, cy: int, cz: int) -> np.ndarray:
         i = (cx * self.grid[1] + cy) * self.grid[2] + cz

@@ -169,7 +169,8 @@ class Store:
         have = self.plan["preprocessing"]
         if wanted != have:
             changed = ", ".join(f"{k} {have.get(k)} (run wants {v})" for k, v in wanted.items() if have.get(k) != v)
-            raise VocoInputError(f"the store was preprocessed with {changed}; make a store with this preset "
+            raise VocoInputError(f"the store was preprocessed with {changed}; give the options it was made with "
+                                 "(--preset, --grid, --crop-edge, --spacing, --modality) or make another store "
                                  "(voco preprocess --out ANOTHER)", self.folder)
 
     def volume(self, i: int) -> VolumeFile:

@@ -265,7 +265,7 @@ def test_more_ranks_than_volumes_are_refused(store):
 
 def pretrain_config(store, out):
     return PretrainConfig(data=[str(store)], out=str(out), preset=PRESET, backbone="swinunetr-tiny", steps=2,
-                          batch_size=2, checkpoint_every=2, seed=7)
+                          batch_size=1, checkpoint_every=2, seed=7)
 
 
 class StopAfter(Events):
@@ -296,3 +296,14 @@ def test_a_run_from_the_store_is_the_same_with_0_or_2_workers_and_resumes_exactl
     losses = [{r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")} for run in (one, two)]
     assert losses[0] == losses[1] and sorted(losses[0]) == [1, 2]
     assert_bitwise_equal(load_tensors(two / "checkpoint.pt"), load_tensors(one / "checkpoint.pt"))
+
+
+def test_a_two_process_ddp_run_streams_from_the_store(store, tmp_path):
+    torchrun = [voco_command()[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "voco", "pretrain", "--data", str(store), "--out", str(tmp_path / "run"), *PRESET_ARGS,
+                "--backbone", "swinunetr-tiny", "--batch-size", "1", "--steps", "1", "--workers", "1",
+                "--device", "cpu", "--progress", "jsonl"]
+    result = subprocess.run(torchrun, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    stream = events(result.stdout)
+    assert stream[0]["world_size"] == 2 and stream[0]["volumes"] == 3 and stream[-1]["event"] == "done"

@@ -129,7 +129,7 @@ class VolumeFile:
         start, shape = [int(v) for v in start], [int(v) for v in shape]
         if any(s < 0 or s + n > m for s, n, m in zip(start, shape, self.shape[1:])):
             raise ValueError(f"patch {start}+{shape} outside the volume {self.shape[1:]}")
-        out = np.empty((self.shape[0], *shape), dtype=np.float32)
+        stored = np.empty((self.shape[0], *shape), dtype=self.dtype)  # assembled as stored, converted once
         ranges = [range(s // self.edge, (s + n - 1) // self.edge + 1) for s, n in zip(start, shape)]
         with open(self.path, "rb") as file:  # opened per patch: no descriptor held per volume
             for cx, cy, cz in itertools.product(*ranges):
@@ -138,7 +138,8 @@ class VolumeFile:
                 hi = [min(s + n, c + e) for s, n, c, e in zip(start, shape, corner, chunk.shape[1:])]
                 into = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
                 source = tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, corner))
-                out[(slice(None), *into)] = chunk[(slice(None), *source)]
+                stored[(slice(None), *into)] = chunk[(slice(None), *source)]
+        out = stored.astype(np.float32)
         if self.scale != 1.0:
             out /= self.scale
         return out

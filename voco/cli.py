@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import os
 import sys
-import warnings
 
 from .errors import VocoInputError
 
@@ -58,6 +56,24 @@ def _add_preset_options(p) -> None:
                    help="intensity preprocessing: CT window -175..250 HU, chest CT -1000..500, MRI z-score")
 
 
+def _workers(text: str) -> int:
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = -1
+    if workers < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, got {text!r}")
+    return workers
+
+
+def _add_workers_option(p, what: str) -> None:
+    p.add_argument("--workers", type=_workers, default=None, help=f"{what} (default: min(4, CPUs - 1))")
+
+
+def _default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
 def _add_finetuning_options(p) -> None:
     """The fine-tuning settings voco finetune and voco evaluate both take."""
     p.add_argument("--batch-size", type=int, default=None)
@@ -73,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("pretrain", help="pretrain a backbone with VoCo (torchrun for several GPUs)")
-    p.add_argument("--data", nargs="+", help="images, folders, dataset.json or list files")
+    p.add_argument("--data", nargs="+", help="images, folders, dataset.json or list files; or one store "
+                                             "made by voco preprocess, streamed")
     p.add_argument("--out", required=True, help="run folder (checkpoint.pt, metrics.jsonl, config.json)")
     _add_preset_options(p)
     p.add_argument("--backbone", choices=BACKBONES, default=None, help="default: swinunetr-b (swinunetr-tiny for CPU)")
@@ -85,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=None, help="steps between progress events (default 1)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    _add_workers_option(p, "processes reading a store's patches ahead (0: in the training process)")
+
+    p = sub.add_parser("preprocess", help="preprocess volumes once into a store that voco pretrain streams")
+    p.add_argument("--data", nargs="+", required=True, help="images, folders, dataset.json or list files")
+    p.add_argument("--out", required=True, help="store folder (plan.json, index.json, one .vox file per volume)")
+    _add_preset_options(p)
+    _add_workers_option(p, "processes preprocessing volumes in parallel")
 
     p = sub.add_parser("crops", help="draw the crop layout of one image")
     p.add_argument("image")
@@ -222,7 +246,23 @@ def _pretrain(args, reporter) -> int:
         for name in ("steps", "batch_size", "checkpoint_every", "lr", "seed", "log_every", "modality"):
             if name in given:
                 setattr(config, name, given[name])
-    return pretrain(config, reporter, device=args.device, resume=args.resume)
+    workers = _default_workers() if args.workers is None else args.workers
+    return pretrain(config, reporter, device=args.device, resume=args.resume, workers=workers)
+
+
+def cmd_preprocess(args, reporter) -> int:
+    from .data.preprocess_store import preprocess_store
+    from .data.sources import list_images
+    from .data.volumes import Preprocessing
+    from .jobs.run_lock import run_lock
+
+    options = Preprocessing.for_preset(_preset(args, "v2"), args.modality or "auto")
+    images = list_images(args.data)
+    with run_lock(args.out):
+        counts = preprocess_store(images, args.out, options, reporter,
+                                  _default_workers() if args.workers is None else args.workers)
+    reporter.emit("done", **counts)
+    return 0
 
 
 def cmd_crops(args, reporter) -> int:
@@ -323,19 +363,20 @@ def cmd_samples(args, reporter) -> int:
     return 0
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "crops": cmd_crops, "positions": cmd_positions, "finetune": cmd_finetune,
+COMMANDS = {"pretrain": cmd_pretrain, "preprocess": cmd_preprocess, "crops": cmd_crops, "positions": cmd_positions, "finetune": cmd_finetune,
             "evaluate": cmd_evaluate, "segment": cmd_segment, "checkpoint": cmd_checkpoint, "models": cmd_models,
             "samples": cmd_samples, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:
     from .jobs.progress import make_reporter
+    from .jobs.quiet_monai import quiet_monai
 
     argv = sys.argv[1:] if argv is None else list(argv)
     # Decided before parsing, so that a usage error also reaches a JSON-lines reader as an event.
     jsonl = "--progress=jsonl" in argv or any(a == "--progress" and b == "jsonl" for a, b in zip(argv, argv[1:]))
     reporter = make_reporter("jsonl" if jsonl else None, rank=int(os.environ.get("RANK", "0")))
-    _quiet_monai()
+    quiet_monai()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args, reporter)
@@ -361,10 +402,3 @@ def _report_error(message: str, reporter, jsonl: bool) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
 
-
-def _quiet_monai() -> None:
-    """MONAI's LoadImage tries its DICOM reader on every file nibabel cannot read, and that reader
-    announces each time that the optional GPU decoder nvImageCodec is missing: a logged line and a
-    UserWarning before our one ``error:`` line. Only those two are silenced; nothing of ours."""
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec", category=UserWarning)

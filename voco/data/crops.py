@@ -185,31 +185,54 @@ def augment(crops: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tenso
     return crops
 
 
+@dataclass
+class SampleDraw:
+    """The random draws of one training sample, in the order its generator makes them."""
+
+    start: np.ndarray            # (3,) where the patch starts in the volume's index grid
+    targets: np.ndarray          # (T, 6) target boxes in patch voxels
+    params: dict                 # per-crop augmentation parameters (``draw_augmentation``)
+    generator: torch.Generator   # for the draws that come later (dropout)
+
+
+def draw_sample(volume_shape, preset: Preset, seed: int, step: int, index: int) -> SampleDraw:
+    """Everything random about sample ``index`` of ``step`` in a volume of ``volume_shape``
+    (X, Y, Z): needs the volume's shape only, so a reader can fetch just the patch afterwards."""
+    g = sample_generator(seed, step, index)
+    room = np.array(volume_shape) - np.array(preset.patch_shape) + 1
+    start = (torch.rand(3, generator=g, dtype=torch.float64).numpy() * room).astype(np.int64)
+    targets = sample_targets(g, preset.num_targets, np.array(preset.patch_shape), preset.crop_edge)
+    params = draw_augmentation(g, preset.num_bases + preset.num_targets, preset.input_edge, preset.augment,
+                               preset.shift_prob)
+    return SampleDraw(start, targets, params, g)
+
+
+def cut_patch(image: torch.Tensor, start, patch_shape) -> torch.Tensor:
+    return image[:, start[0]:start[0] + patch_shape[0], start[1]:start[1] + patch_shape[1],
+                 start[2]:start[2] + patch_shape[2]]
+
+
 def sample_batch(volumes, preset: Preset, seed: int, step: int, indices, device="cpu") -> CropBatch:
     """Crops for one step. ``volumes[i]`` is the preprocessed image (1, X, Y, Z) of sample
     ``indices[i]``; each is at least ``preset.patch_shape`` (preprocessing pads). Cutting,
     resizing and augmenting run on ``device``."""
-    patch_shape = np.array(preset.patch_shape)
+    draws = [draw_sample(image.shape[1:], preset, seed, step, index) for image, index in zip(volumes, indices)]
+    patches = [cut_patch(image, draw.start, preset.patch_shape) for image, draw in zip(volumes, draws)]
+    return crops_from_patches(patches, draws, preset, device)
+
+
+def crops_from_patches(patches, draws: list[SampleDraw], preset: Preset, device="cpu") -> CropBatch:
+    """The device half of ``sample_batch``: base and target crops cut out of each sample's patch
+    ``(C, X, Y, Z)`` (a list, or a batch tensor), resized and augmented on ``device``."""
     bases = base_grid(preset.grid, preset.crop_edge)
-    patches, starts, targets, params, generators = [], [], [], [], []
-    for image, index in zip(volumes, indices):
-        g = sample_generator(seed, step, index)
-        room = np.array(image.shape[1:]) - patch_shape + 1
-        start = (torch.rand(3, generator=g, dtype=torch.float64).numpy() * room).astype(np.int64)
-        patches.append(image[:, start[0]:start[0] + patch_shape[0], start[1]:start[1] + patch_shape[1],
-                             start[2]:start[2] + patch_shape[2]])
-        starts.append(start)
-        targets.append(sample_targets(g, preset.num_targets, patch_shape, preset.crop_edge))
-        params.append(draw_augmentation(g, preset.num_bases + preset.num_targets, preset.input_edge, preset.augment,
-                                        preset.shift_prob))
-        generators.append(g)
-    targets = np.stack(targets)
+    targets = np.stack([draw.targets for draw in draws])
+    params = [draw.params for draw in draws]
     k, edge = preset.num_bases, preset.crop_edge
     b, n = len(patches), k + preset.num_targets
     crops = torch.empty((b, n, patches[0].shape[0], edge, edge, edge), dtype=patches[0].dtype, device=device)
     target_starts = torch.from_numpy(targets[..., :3]).to(device)
     for i, patch in enumerate(patches):  # per volume, so that each crop is copied once, into place
-        patch = patch.to(device)[None]
+        patch = patch.to(device, non_blocking=True)[None]
         crops[i, :k].view(*preset.grid, *crops.shape[2:]).copy_(base_tiles(patch, preset.grid, edge)[0])
         crops[i, k:] = extract_crops(patch, target_starts[i:i + 1], edge)[0]
     crops = crops.flatten(0, 1)
@@ -217,4 +240,5 @@ def sample_batch(volumes, preset: Preset, seed: int, step: int, indices, device=
         crops = F.interpolate(crops, size=(preset.input_edge,) * 3, mode="trilinear", align_corners=False)
     crops = augment(crops, {k: torch.cat([p[k] for p in params]) for k in params[0]}).view(b, n, *crops.shape[1:])
     labels = torch.from_numpy(overlap_labels(targets, bases, preset.label_dims)).float().to(device)
-    return CropBatch(crops, labels, np.stack(starts), targets, generators)
+    return CropBatch(crops, labels, np.stack([draw.start for draw in draws]), targets,
+                     [draw.generator for draw in draws])

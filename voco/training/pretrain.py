@@ -2,6 +2,8 @@
 
 Stages, as in the command line: list images -> preprocess (once, cached in memory; bad files are
 skipped with a warning) -> train (crops drawn per step, see ``voco.data.crops``) -> checkpoint.
+With ``--data STORE`` (made by ``voco preprocess``) nothing is held in memory: each step's patches
+are streamed from the store by DataLoader workers (``store_steps``).
 
 Exact resume: the data position and every random draw are functions of ``(seed, step)``, so a
 checkpoint needs only the step, the weights, the teacher, the optimiser, the schedule, the grad
@@ -26,8 +28,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoints.files import atomic_path, load_checkpoint, require_finite, save_checkpoint
-from ..data.crops import sample_batch
+from ..data.crops import CropBatch, crops_from_patches, sample_batch
 from ..data.sources import list_images
+from ..data.store import Store, is_store
 from ..data.volumes import Preprocessing, load_volumes
 from ..errors import VocoInputError, first_line
 from ..jobs.progress import finite_or_none
@@ -35,10 +38,12 @@ from ..jobs.signals import StopRequest
 from ..models.backbones import check_input_edge
 from ..models.voco import Student, batch_keep_mask, build_teacher, teacher_source, voco_forward
 from ..presets import Preset, preset_from_dict
+from .data_order import batch_positions, sample_order
 from .distributed import init_distributed, shutdown
 from .finite_steps import NonFiniteSteps
 from .saved_config import checked_config, read_saved_config
 from .schedules import build_optimizer
+from .store_steps import StoreSteps, step_loader
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -90,21 +95,11 @@ def preprocessing_for(config: PretrainConfig) -> Preprocessing:
     return Preprocessing.for_preset(config.preset, config.modality)
 
 
-def sample_order(seed: int, count: int, positions: np.ndarray) -> np.ndarray:
-    """Which volume feeds each global sample position: a fresh permutation every epoch."""
-    epochs = positions // count
-    out = np.empty_like(positions)
-    for epoch in np.unique(epochs):
-        perm = np.random.default_rng([seed, int(epoch)]).permutation(count)
-        chosen = epochs == epoch
-        out[chosen] = perm[positions[chosen] % count]
-    return out
-
-
 class Pretrainer:
     """Holds the model, teacher, optimiser and data of one run; ``run()`` trains to ``steps``."""
 
-    def __init__(self, config: PretrainConfig, reporter, device: str = "auto", resume: bool = False):
+    def __init__(self, config: PretrainConfig, reporter, device: str = "auto", resume: bool = False,
+                 workers: int = 0):
         config.validate()
         self.config, self.reporter = config, reporter
         self.run_dir = Path(config.out)
@@ -113,10 +108,18 @@ class Pretrainer:
         self.device = self.dist.device
         state = self._resume_state() if resume else None
 
-        images = list_images(config.data)
-        self.volumes = load_volumes(images, preprocessing_for(config),
-                                    on_warning=lambda message, path: reporter.emit("warning", message=message, file=str(path)))
-        self.skipped = len(images) - len(self.volumes)
+        self.store_steps, self.workers, self._streamed = None, workers, None
+        if len(config.data) == 1 and is_store(config.data[0]):
+            store = Store(config.data[0])
+            store.require_preprocessing(preprocessing_for(config))
+            self.store_steps = StoreSteps(store, config.preset, config.seed, config.batch_size, self.dist.rank,
+                                          self.dist.world_size)
+            self.volumes, self.skipped = store.entries, len(store.skipped)
+        else:
+            images = list_images(config.data)
+            self.volumes = load_volumes(images, preprocessing_for(config), on_warning=lambda message, path:
+                                        reporter.emit("warning", message=message, file=str(path)))
+            self.skipped = len(images) - len(self.volumes)
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank and every rerun
         preset = config.preset
@@ -196,15 +199,25 @@ class Pretrainer:
 
     # --- training ----------------------------------------------------------------------
     def batch_positions(self, step: int) -> np.ndarray:
-        b, world = self.config.batch_size, self.dist.world_size
-        return step * b * world + self.dist.rank * b + np.arange(b)
+        return batch_positions(step, self.config.batch_size, self.dist.rank, self.dist.world_size)
+
+    def next_batch(self) -> CropBatch:
+        """This rank's crops of the current step: from the volumes in memory, or the store's
+        patches the DataLoader has read ahead (its iterator starts at the first step asked for)."""
+        preset, config = self.config.preset, self.config
+        if self.store_steps is None:
+            positions = self.batch_positions(self.step)
+            order = sample_order(config.seed, len(self.volumes), positions)
+            return sample_batch([self.volumes[i].image for i in order], preset, config.seed, self.step,
+                                positions.tolist(), self.device)
+        if self._streamed is None:
+            self._streamed = iter(step_loader(self.store_steps, self.step, config.steps, self.workers, self.device))
+        samples = next(self._streamed)
+        return crops_from_patches(samples.patches, samples.draws, preset, self.device)
 
     def train_step(self) -> dict[str, float]:
         preset, config = self.config.preset, self.config
-        positions = self.batch_positions(self.step)
-        order = sample_order(config.seed, len(self.volumes), positions)
-        batch = sample_batch([self.volumes[i].image for i in order], preset, config.seed, self.step,
-                             positions.tolist(), self.device)
+        batch = self.next_batch()
         keep = batch_keep_mask(batch.generators, preset, self.device)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             _, terms = voco_forward(self.model, self.teacher, preset, batch.crops, batch.labels, keep)
@@ -277,9 +290,9 @@ def resumable_config(run_dir, given: dict) -> PretrainConfig:
     return config
 
 
-def pretrain(config: PretrainConfig, reporter, device: str = "auto", resume: bool = False) -> int:
+def pretrain(config: PretrainConfig, reporter, device: str = "auto", resume: bool = False, workers: int = 0) -> int:
     try:
-        return Pretrainer(config, reporter, device, resume).run()
+        return Pretrainer(config, reporter, device, resume, workers).run()
     finally:
         shutdown()
 

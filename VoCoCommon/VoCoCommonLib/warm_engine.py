@@ -46,15 +46,12 @@ class WarmEngine:
         self.settings = settings
         self.unavailable: str | None = None  # why ``voco serve`` is not used, once it failed to start
         self._server: _Server | None = None
-        self._lock = threading.Lock()
+        self._starting: _Server | None = None
+        self._lock = threading.Lock()        # the fields: held for moments only, so close() never waits
+        self._start_lock = threading.Lock()  # one server starting at a time (in a job's thread)
         self._told = False
         self._held: list[_Server] = []  # the server, where the finalizer (which must not hold self) finds it
         weakref.finalize(self, _stop_all, self._held)  # a session dropped without close() leaves no server
-
-    @property
-    def pid(self) -> int | None:
-        server = self._server
-        return server.pid if server is not None and server.alive else None
 
     def request(self, args: Sequence[str]) -> "WarmRequest":
         """``voco segment ARGS`` as a request (not started yet)."""
@@ -63,24 +60,33 @@ class WarmEngine:
     def close(self) -> None:
         """Stop the server (returns at once); a later request starts a new one."""
         with self._lock:
-            server, self._server = self._server, None
+            servers = [s for s in (self._server, self._starting) if s is not None]
+            self._server = self._starting = None
             self._held.clear()
-        if server is not None:
+        for server in servers:
             server.stop()
 
     def _live_server(self) -> "_Server | None":
         """The running server, started first if need be (blocks: a job's thread); None when this
         client falls back to one process per job."""
-        with self._lock:
-            if self.unavailable is None and (self._server is None or not self._server.alive):
-                server = _Server(self.settings)
-                why = server.start()
-                if why is None:
+        with self._start_lock:
+            with self._lock:
+                if self.unavailable is not None or (self._server is not None and self._server.alive):
+                    return None if self.unavailable is not None else self._server
+                server = self._starting = _Server(self.settings)
+            why = server.start()
+            with self._lock:
+                closed = self._starting is not server  # close() was called meanwhile (and stopped it)
+                self._starting = None
+                if not closed and why is None:
                     self._server = server
                     self._held[:] = [server]
-                else:
+                elif not closed:
                     self.unavailable = why
-            return None if self.unavailable is not None else self._server
+            if closed:
+                server.stop()  # it may have got ready after close() asked it to stop
+                raise RuntimeError("the engine was stopped as it started (the session closed)")
+            return None if self.unavailable is not None else server
 
     def _fallback_notice(self) -> str | None:
         """The engine log's line about the fallback, the first time only."""
@@ -123,7 +129,8 @@ class _Server:
         except OSError as exc:
             return f"{self.command[0]}: {exc.strerror or exc}"
         self.alive = True
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._stderr_thread = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_thread.start()
         threading.Thread(target=self._read_stdout, daemon=True).start()
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not self._ready.is_set() and not self._ended.is_set() and time.monotonic() < deadline:
@@ -137,16 +144,13 @@ class _Server:
         return error_from_log(self.stderr_tail, self._process.returncode)
 
     def send(self, request: "WarmRequest") -> bool:
-        """Send ``request``; False when the server has ended (the caller starts another)."""
+        """Send ``request``; False when the server had ended (the caller starts another). One
+        that ends after this (the write may fail then) ends the request, through its reader."""
         with self._lock:
             if not self.alive:
                 return False
             self._requests[request.id] = request
-        if not self._write({"id": request.id, "command": "segment", "args": request.args}):
-            with self._lock:
-                self._requests.pop(request.id, None)
-            self._ended.wait(5)  # its reader marks it ended, so that the next try starts a new one
-            return False
+        self._write({"id": request.id, "command": "segment", "args": request.args})
         return True
 
     def cancel(self, request: "WarmRequest") -> None:
@@ -208,6 +212,7 @@ class _Server:
             if request is not None:
                 request._put(event)
         returncode = self._process.wait()
+        self._stderr_thread.join(5)  # its last lines say why it ended
         with self._lock:
             self.alive = False
             orphans, self._requests = list(self._requests.values()), {}
@@ -242,7 +247,7 @@ class WarmRequest:
             if server.send(self):
                 self._server = server
                 return self
-        raise RuntimeError("the warm engine ended twice as a request was sent to it")
+        raise RuntimeError("the warm engine ended twice as the request was sent")
 
     @property
     def pid(self) -> int | None:

@@ -10,7 +10,7 @@ PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12
                          $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null))
 VENV312 := .venv-slicer312
 
-.PHONY: install demo test test-slicer-py312 bench bench-segment bench-cli clean
+.PHONY: install demo test test-slicer-py312 bench bench-segment bench-cli bench-serve clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-segment: install
 
 bench-cli: install
 	$(PY) Testing/benchmarks/bench_cli.py
+
+bench-serve: install
+	$(PY) Testing/benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(VENV) $(VENV312) $(DEMO_OUT)

@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "float32"], default="auto",
                    help="auto: float16 on CUDA, bfloat16 on CPUs with native support; float32: reproducible")
 
+    p = sub.add_parser("serve", help="a warm engine: segment requests as JSON lines on stdin, events on stdout")
+    p.add_argument("--cache-size", type=int, default=None,
+                   help="networks kept loaded on their device (default: $VOCO_SERVE_CACHE, else 2)")
+
     p = sub.add_parser("checkpoint", help="look into checkpoint files")
     checkpoint = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
     q = checkpoint.add_parser("inspect", help="detected layout, architecture and what loads into it")
@@ -314,6 +318,12 @@ def cmd_segment(args, reporter) -> int:
     return segment_from_args(args, reporter)
 
 
+def cmd_serve(args, reporter) -> int:
+    from .inference.serve import serve
+
+    return serve(size=args.cache_size)
+
+
 def cmd_checkpoint(args, reporter) -> int:
     import json
 
@@ -363,9 +373,9 @@ def cmd_samples(args, reporter) -> int:
     return 0
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "preprocess": cmd_preprocess, "crops": cmd_crops, "positions": cmd_positions, "finetune": cmd_finetune,
-            "evaluate": cmd_evaluate, "segment": cmd_segment, "checkpoint": cmd_checkpoint, "models": cmd_models,
-            "samples": cmd_samples, "demo": cmd_demo}
+COMMANDS = {"pretrain": cmd_pretrain, "preprocess": cmd_preprocess, "crops": cmd_crops, "positions": cmd_positions,
+            "finetune": cmd_finetune, "evaluate": cmd_evaluate, "segment": cmd_segment, "serve": cmd_serve,
+            "checkpoint": cmd_checkpoint, "models": cmd_models, "samples": cmd_samples, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

@@ -158,6 +158,7 @@ class StudioApp(TrameApp):
         client, runs = EngineClient(settings), Runs(self.workdir / "runs", settings)
         training_set = TrainingSet(self.workdir / "training-set")
         self.segmentation = SegmentationSession(client, training_set, runs)
+        self.ctrl.on_server_exited.add(lambda **_: client.close())  # the warm engine goes with the server
         self.pretrain = PretrainSession(client, runs, training_set)
         self.segmentation.resultReady.connect(self._show_segmentation)
         self.segmentation.modelSelected.connect(self._model_ready)

@@ -604,20 +604,23 @@ def test_slicer_512_installs_with_pip_ensure_which_handles_restarting(installer,
 # --- settings and releases ------------------------------------------------------------------------------
 
 def test_environment_settings_are_read_in_one_place():
-    """VOCO_SLICER_HOME, VOCO_MODELS_DIR, VOCO_REGISTRY, VOCO_ENGINE_PYTHON: settings.py only."""
+    """VOCO_SLICER_HOME, VOCO_MODELS_DIR, VOCO_REGISTRY, VOCO_ENGINE_PYTHON, VOCO_WARM_ENGINE: settings.py only."""
     readers = []
     for path in list((REPO).glob("VoCo*/**/*.py")) + list((REPO / "voco_studio").glob("*.py")):
         text = path.read_text()
-        for name in ("VOCO_SLICER_HOME", "VOCO_MODELS_DIR", "VOCO_REGISTRY", "VOCO_ENGINE_PYTHON"):
+        for name in ("VOCO_SLICER_HOME", "VOCO_MODELS_DIR", "VOCO_REGISTRY", "VOCO_ENGINE_PYTHON", "VOCO_WARM_ENGINE"):
             if name in text and path.name != "settings.py":
                 readers.append(f"{path.relative_to(REPO)}: {name}")
     assert readers == []
 
 
 def test_defaults_and_overrides_of_the_settings(tmp_path):
+    from VoCoCommonLib.client import EngineClient
     from VoCoCommonLib.settings import read_settings
 
     settings = read_settings({"HOME": str(tmp_path)})
+    assert settings.warm_engine and EngineClient(settings).warm is not None  # segmentations go to voco serve
+    assert EngineClient(read_settings({"VOCO_WARM_ENGINE": "0"})).warm is None  # one process per segmentation
     assert settings.runs_dir.name == "runs" and settings.training_set_dir.name == "training-set"
     assert settings.models_dir.parts[-3:] == (".cache", "voco", "models")
     assert settings.engine_dir == REPO and settings.requirements_file == REPO / "Resources" / "requirements.txt"

@@ -43,12 +43,14 @@ def toy_engine(toy, monkeypatch):
     return toy / "package"
 
 
-def new_session(tmp_path, engine):
+def new_session(tmp_path, engine, warm=True, python=None):
+    """A session on a client of ``python`` (default: the engine's) with (``warm``) or without the warm engine."""
     from VoCoCommonLib.client import EngineClient
     from VoCoCommonLib.settings import read_settings
     from VoCoSegmentationLib.session import SegmentationSession
 
-    settings = read_settings({**os.environ, "VOCO_ENGINE_PYTHON": engine.python})
+    settings = read_settings({**os.environ, "VOCO_ENGINE_PYTHON": python or engine.python,
+                              "VOCO_WARM_ENGINE": "1" if warm else "0"})
     temp_root = tmp_path / "temp"
     temp_root.mkdir(exist_ok=True)
     return SegmentationSession(EngineClient(settings), temp_root=temp_root)
@@ -279,11 +281,12 @@ def test_a_volume_under_a_transform_gets_its_segmentation_where_it_is_not_moved_
 
 def test_cancel_returns_at_once_kills_the_engine_and_leaves_no_node_and_no_file(mrml, home, toy_engine, tmp_path,
                                                                                engine, clock, monkeypatch):
+    """One process per job (the warm engine turned off, or unavailable); the warm engine's cancel is below."""
     import slicer
 
     monkeypatch.setenv("VOCO_TEST_SLOW", "1")
     volume, _ = sphere_volume(shape=(120, 120, 40))  # 8 windows of about a second each
-    session = new_session(tmp_path, engine)
+    session = new_session(tmp_path, engine, warm=False)
     before = node_ids(slicer.mrmlScene)
     job = session.segment(volume, str(toy_engine), device="cpu")
     tick_until(session, lambda: any(e["event"] == "start" for e in job.events))
@@ -356,6 +359,121 @@ def test_versions_are_segmented_one_after_the_other_when_compared(mrml, home, to
     assert [job.started for job in session.history] == [True, False] and session.busy  # one at a time
     tick_until(session, lambda: not session.busy)
     assert [job.node.GetName() for job in session.history] == ["older", "newer"]
+
+
+# --- the warm engine (voco serve) ------------------------------------------------------------------------
+
+def alive(pid) -> bool:
+    """Running, not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def segmented(session, volume, model):
+    job = session.segment(volume, model, device="cpu")
+    tick_until(session, lambda: job.finished)
+    return job
+
+
+def start_event(job) -> dict:
+    return next(e for e in job.events if e["event"] == "start")
+
+
+def test_two_volumes_go_to_one_warm_engine_that_keeps_the_network_and_stops_with_the_session(
+        mrml, home, toy_engine, tmp_path, engine, clock):
+    shapes = [(24, 24, 16), (32, 24, 16)]
+    volumes = [sphere_volume(shape) for shape in shapes]
+    session = new_session(tmp_path, engine)
+    jobs = [segmented(session, volume, str(toy_engine)) for volume, _ in volumes]
+    assert all(job.succeeded for job in jobs), [job.error for job in jobs]
+    for job, (volume, affine), shape in zip(jobs, volumes, shapes):
+        sphere = segment_array(job.node, job.node.GetSegmentation().GetNthSegmentID(0), volume)
+        assert dice(sphere > 0, sphere_mask(affine, shape)) > 0.9
+    pid = jobs[0].process.pid
+    assert jobs[1].process.pid == pid and alive(pid)  # one server for both, still up
+    assert [start_event(job)["model_cache"] for job in jobs] == ["miss", "hit"]  # the weights were read once
+    assert [job.events[-1] for job in jobs][-1]["event"] == "exit" and not list((tmp_path / "temp").iterdir())
+    clock.measure("close", session.close)
+    deadline = time.monotonic() + 30
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(pid)
+
+
+def test_a_killed_warm_engine_fails_its_job_clearly_and_the_next_job_restarts_it(mrml, home, toy_engine, tmp_path,
+                                                                                 engine, clock, monkeypatch):
+    import signal
+
+    monkeypatch.setenv("VOCO_TEST_SLOW", "1")
+    volume, _ = sphere_volume(shape=(120, 120, 40))  # 8 windows of about a second each
+    session = new_session(tmp_path, engine)
+    errors = []
+    session.errorOccurred.connect(errors.append)
+    job = session.segment(volume, str(toy_engine), device="cpu")
+    tick_until(session, lambda: any(e["event"] == "start" for e in job.events))
+    pid = job.process.pid
+    os.kill(pid, signal.SIGKILL)
+    tick_until(session, lambda: job.finished)
+    assert job.error == "the engine stopped: killed by signal 9" and errors == [job.error]
+    assert job.returncode == -9 and job.node is None and not job.temp_dir.exists()
+    monkeypatch.delenv("VOCO_TEST_SLOW")  # the new server is started without it
+    small, _ = sphere_volume(shape=(24, 24, 16))
+    again = segmented(session, small, str(toy_engine))
+    assert again.succeeded, again.error
+    assert again.process.pid != pid and start_event(again)["model_cache"] == "miss"
+    session.close()
+
+
+def test_cancel_stops_the_request_and_the_warm_engine_stays_up_for_the_next(mrml, home, toy_engine, tmp_path,
+                                                                          engine, clock, monkeypatch):
+    import slicer
+
+    monkeypatch.setenv("VOCO_TEST_SLOW", "1")
+    volume, _ = sphere_volume(shape=(120, 120, 40))
+    session = new_session(tmp_path, engine)
+    before = node_ids(slicer.mrmlScene)
+    job = session.segment(volume, str(toy_engine), device="cpu")
+    tick_until(session, lambda: any(e["event"] == "start" for e in job.events))
+    started = time.monotonic()
+    clock.measure("cancel", session.cancel)
+    tick_until(session, lambda: job.finished)
+    assert time.monotonic() - started < 5  # at the next window, not after the 8
+    assert job.cancelled and not job.succeeded and session.state.status == "cancelled"
+    assert job.returncode == 128 + 15 and alive(job.process.pid)  # what voco segment says; the server is up
+    assert node_ids(slicer.mrmlScene) == before and list((tmp_path / "temp").iterdir()) == []
+    small, _ = sphere_volume(shape=(24, 24, 16))
+    again = segmented(session, small, str(toy_engine))
+    assert again.succeeded and again.process.pid == job.process.pid and start_event(again)["model_cache"] == "hit"
+    session.close()
+
+
+OLD_ENGINE = """#!/bin/sh
+# An engine from before voco serve: it refuses the command as argparse does, and runs the others.
+for arg in "$@"; do
+  if [ "$arg" = serve ]; then
+    echo "error: voco: argument command: invalid choice: 'serve'" >&2
+    exit 2
+  fi
+done
+exec {python} "$@"
+"""
+
+
+def test_an_engine_without_serve_gets_one_process_per_job_said_once_in_the_log(mrml, home, toy_engine, tmp_path,
+                                                                              engine, clock):
+    old = tmp_path / "old-engine"
+    old.write_text(OLD_ENGINE.format(python=engine.python))
+    old.chmod(0o755)
+    session = new_session(tmp_path, engine, python=str(old))
+    volume, _ = sphere_volume(shape=(24, 24, 16))
+    jobs = [segmented(session, volume, str(toy_engine)) for _ in range(2)]
+    assert all(job.succeeded for job in jobs), [job.error for job in jobs]
+    assert jobs[0].process.pid != jobs[1].process.pid and not any(alive(job.process.pid) for job in jobs)
+    assert "model_cache" not in start_event(jobs[1])  # voco segment's own events
+    notices = [line for line in session.log.lines if "warm engine unavailable" in line]
+    assert len(notices) == 1 and "invalid choice: 'serve'" in notices[0], notices
 
 
 # --- the clinician loop --------------------------------------------------------------------------------

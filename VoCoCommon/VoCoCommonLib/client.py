@@ -2,7 +2,8 @@
 
 ``EngineClient`` holds the settings (interpreter, engine folder, models folder) and a process
 class (``EngineProcess`` by default; a test may hand in another that follows ProcessProtocol).
-Sessions never start a process any other way.
+Sessions never start a process any other way. Segmentations go to the client's warm engine
+(``voco serve``, warm_engine.py) unless the settings turn it off; ``close()`` stops it.
 
 Example (Slicer's Python console)::
 
@@ -19,6 +20,7 @@ from typing import Sequence
 from .process import EngineProcess
 from .runs import Runs
 from .settings import Settings, read_settings
+from .warm_engine import WarmEngine
 
 PROBE_SCRIPT = Path(__file__).with_name("environment_probe.py")
 
@@ -27,10 +29,22 @@ class EngineClient:
     def __init__(self, settings: Settings | None = None, process=EngineProcess):
         self.settings = settings or read_settings()
         self.process = process
+        self.warm = WarmEngine(self.settings) if self.settings.warm_engine else None
 
     def voco(self, args: Sequence[str]):
         """``python -m voco ARGS --progress jsonl`` (not started yet)."""
         return self.process.voco(list(args), self.settings)
+
+    def segment_process(self, args: Sequence[str]):
+        """``voco segment ARGS``: a request to the warm engine, else a process of its own (not started yet)."""
+        if self.warm is not None:
+            return self.warm.request(args)
+        return self.voco(["segment", *args])
+
+    def close(self) -> None:
+        """The front end goes away: stop the warm engine (returns at once; runs go on)."""
+        if self.warm is not None:
+            self.warm.close()
 
     def probe(self):
         """The environment probe in the engine's interpreter: devices and missing packages."""

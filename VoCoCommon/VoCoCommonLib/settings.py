@@ -5,7 +5,9 @@ here (nnU-Net's paths.py pattern).
 - ``VOCO_MODELS_DIR``: installed model versions (default ``~/.cache/voco/models``, as the engine's);
 - ``VOCO_REGISTRY``: another model registry file for the engine (default: the extension's);
 - ``VOCO_ENGINE_PYTHON``: the interpreter that runs the engine (default: ``PythonSlicer`` inside
-  Slicer, else this Python).
+  Slicer, else this Python);
+- ``VOCO_WARM_ENGINE``: ``0`` runs every segmentation as a process of its own instead of a
+  request to the warm engine (``voco serve``, kept up per front end; default on).
 
 Example (Slicer's Python console)::
 
@@ -23,6 +25,7 @@ from pathlib import Path
 
 HOME_VARIABLE, MODELS_VARIABLE = "VOCO_SLICER_HOME", "VOCO_MODELS_DIR"
 REGISTRY_VARIABLE, ENGINE_PYTHON_VARIABLE = "VOCO_REGISTRY", "VOCO_ENGINE_PYTHON"
+WARM_ENGINE_VARIABLE = "VOCO_WARM_ENGINE"
 _LIB = Path(__file__).resolve().parent
 
 
@@ -42,6 +45,7 @@ class Settings:
     engine_python: str
     engine_dir: Path | None     # holds the ``voco`` package; None when it is only in site-packages
     registry: Path | None = None
+    warm_engine: bool = True    # segmentations as requests to one ``voco serve`` that stays up
 
     @property
     def training_set_dir(self) -> Path:
@@ -80,4 +84,5 @@ def read_settings(environ=None) -> Settings:
         engine_python=environ.get(ENGINE_PYTHON_VARIABLE) or shutil.which("PythonSlicer") or sys.executable,
         engine_dir=_first_with("voco/__init__.py"),
         registry=Path(registry).expanduser() if registry else None,
+        warm_engine=environ.get(WARM_ENGINE_VARIABLE, "1").strip().lower() not in ("0", "false", "no", "off"),
     )

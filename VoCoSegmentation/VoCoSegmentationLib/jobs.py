@@ -32,7 +32,7 @@ class SegmentJob(Job):
             args += roi_argument(roi_node, volume_node)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="voco-segment-", dir=temp_root))
         self.input_path, self.output_path = self.temp_dir / "input.nrrd", self.temp_dir / "segmentation.nrrd"
-        super().__init__("segment", lambda: client.voco(["segment", self.input_path, self.output_path, *args]),
+        super().__init__("segment", lambda: client.segment_process([self.input_path, self.output_path, *args]),
                          prepare=lambda: volume.write(self.input_path), load=lambda: read_output(self.output_path),
                          status="handing the volume to the engine")
         self.volume_node, self.model, self.output_node, self.name = volume_node, model_spec, output_node, name

@@ -278,8 +278,9 @@ class SegmentationSession(Session):
         self._changed()
 
     def close(self) -> None:
-        """The front end goes away: stop what would write into its scene (runs go on)."""
+        """The front end goes away: stop what would write into its scene and the warm engine (runs go on)."""
         self.scene_closed()
+        self.client.close()
 
     # --- the timer -----------------------------------------------------------------------------
 

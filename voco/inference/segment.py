@@ -76,8 +76,9 @@ def model_spacing(package: ModelPackage, fast: bool) -> tuple[float, float, floa
 
 
 def segment(image_path: str | Path, output: str | Path, package: ModelPackage, options: SegmentOptions,
-            reporter) -> dict:
-    """Segment ``image_path`` into ``output``; returns the sidecar's content."""
+            reporter, networks=None) -> dict:
+    """Segment ``image_path`` into ``output``; returns the sidecar's content. ``networks(package,
+    device)`` gives the network (default ``load_network``: read from disk; voco serve passes its cache)."""
     options.validate()
     output = check_outputs(image_path, output)
     started = time.perf_counter()
@@ -100,7 +101,7 @@ def segment(image_path: str | Path, output: str | Path, package: ModelPackage, o
     image, image_affine, modality = preprocess(region, Preprocessing(modality=card.preprocessing.modality,
                                                                      spacing=spacing))
     del region
-    network = load_network(package, device)
+    network = (load_network if networks is None else networks)(package, device)
     batch = options.batch_size or (4 if device.type == "cuda" else 1)
     predictor = SlidingWindowPredictor(network, card.preprocessing.patch_size, device, overlap=options.overlap,
                                        batch_size=batch, mirror=options.tta, precision=options.precision,
@@ -240,7 +241,7 @@ def parse_box(text: str | None, kind, option: str):
     return values
 
 
-def segment_from_args(args, reporter) -> int:
+def segment_from_args(args, reporter, networks=None) -> int:
     from ..registry.registry import resolve_package
 
     options = SegmentOptions(device=args.device, fast=args.fast, tta=args.tta,
@@ -252,7 +253,7 @@ def segment_from_args(args, reporter) -> int:
     with cancel_on_signals():
         try:
             package = resolve_package(args.model, reporter)
-            segment(args.image, args.output, package, options, reporter)
+            segment(args.image, args.output, package, options, reporter, networks)
         except Cancelled as cancel:
             reporter.emit("cancelled", message="stopped before writing; no output was written")
             return 128 + cancel.signum

@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default 0.5)")
     p.add_argument("--precision", choices=["auto", "float32"], default="auto",
                    help="auto: float16 on CUDA, bfloat16 on CPUs with native support; float32: reproducible")
+    p.add_argument("--uncompressed", action="store_true",
+                   help="write a .nrrd label map raw (.nii is always uncompressed): quicker to write and read back")
 
     p = sub.add_parser("checkpoint", help="look into checkpoint files")
     checkpoint = p.add_subparsers(dest="action", required=True, parser_class=_Parser)

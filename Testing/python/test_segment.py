@@ -815,6 +815,7 @@ def test_voxel_counts_from_the_resampling_are_those_of_the_label_map(monkeypatch
                                                             [0, 1, 5, 5]))
     assert counts == {v: int(np.count_nonzero(labels == v)) for v in (0, 1, 5)}
     assert counts[0] > 0 and counts[1] > 0 and counts[5] > 0
+    assert labels.flags.f_contiguous  # the files' order: written without a transposing copy
 
 
 def test_uncompressed_writes_a_raw_nrrd_that_the_front_end_reads_back(toy_network, toy_package, tmp_path, capsys):

@@ -30,12 +30,16 @@ def label_map_on_grid(scores: torch.Tensor, scores_affine: np.ndarray, shape: tu
 def label_map_and_counts(scores: torch.Tensor, scores_affine: np.ndarray, shape: tuple[int, int, int],
                          affine: np.ndarray, class_values: list[int]) -> tuple[np.ndarray, dict[int, int]]:
     """``label_map_on_grid``'s map and how many voxels of it hold each class value, counted
-    slab by slab where the scores are (one bincount of a slab, not one pass per label)."""
+    slab by slab where the scores are (one bincount of a slab, not one pass per label).
+
+    The map is in Fortran order, the order of NIfTI and NRRD files: each slab is reordered where
+    the scores are, and writing the map needs no transposing copy of the whole volume (for a raw
+    512x512x300 NRRD that copy was most of the write)."""
     to_scores = np.linalg.inv(scores_affine) @ affine  # output index -> score index
     device = scores.device
     dtype = np.uint8 if max(class_values) < 256 else np.uint16
     values = torch.as_tensor(np.asarray(class_values, dtype=dtype).astype(np.int64), device=device)
-    out = np.zeros(shape, dtype=dtype)
+    out = np.zeros(shape, dtype=dtype, order="F")
     counts = torch.zeros(len(class_values), dtype=torch.int64, device=device)
     nx, ny, nz = shape
     per_slab = max(1, SLAB_VOXELS // (nx * ny))
@@ -60,7 +64,8 @@ def label_map_and_counts(scores: torch.Tensor, scores_affine: np.ndarray, shape:
             winners = sampled.argmax(0)
         # Outside the scored region every class samples 0 and argmax picks class 0, background.
         counts += torch.bincount(winners.reshape(-1), minlength=len(class_values))
-        out[:, :, z0:z1] = values[winners].to(torch.uint8 if dtype == np.uint8 else torch.int32).cpu().numpy()
+        slab = values[winners].to(torch.uint8 if dtype == np.uint8 else torch.int32).permute(2, 1, 0).contiguous()
+        out[:, :, z0:z1] = slab.cpu().numpy().transpose(2, 1, 0)
     by_value: dict[int, int] = {}
     for value, count in zip(class_values, counts.tolist()):
         by_value[int(value)] = by_value.get(int(value), 0) + count

@@ -118,7 +118,7 @@ def segment(image_path: str | Path, output: str | Path, package: ModelPackage, o
     del scores
     reporter.emit("progress", stage="resample", done=1, total=1)
     if box:
-        full = np.zeros(source_shape, dtype=labels.dtype)
+        full = np.zeros(source_shape, dtype=labels.dtype, order="F")  # the label map's order (see resample)
         full[box[0]:box[3], box[1]:box[4], box[2]:box[5]] = labels
         labels = full
 

@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default 0.5)")
     p.add_argument("--precision", choices=["auto", "float32"], default="auto",
                    help="auto: float16 on CUDA, bfloat16 on CPUs with native support; float32: reproducible")
+    p.add_argument("--uncompressed", action="store_true",
+                   help="write a .nrrd label map raw (.nii is always uncompressed): quicker to write and read back")
 
     p = sub.add_parser("serve", help="a warm engine: segment requests as JSON lines on stdin, events on stdout")
     p.add_argument("--cache-size", type=int, default=None,

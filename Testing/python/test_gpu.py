@@ -69,3 +69,18 @@ def test_out_of_memory_falls_back_to_smaller_batches_then_cpu(tmp_path, shipped)
     sidecar = json.loads((tmp_path / "seg.json").read_text())
     assert sidecar["device"] == "cpu"
     assert nib.load(str(tmp_path / "seg.nii.gz")).shape == nib.load(str(shipped["spine-ct"])).shape
+
+
+def test_reading_and_preprocessing_on_the_gpu_give_the_cpu_tensors(shipped):
+    """segment()'s device path: the voxels cross as they are and become float32 on the GPU, and the
+    MONAI transforms run there (float64 resampling: equal up to the last bits)."""
+    from voco.data.volumes import Preprocessing, preprocess, read_volume
+
+    cpu, gpu = read_volume(shipped["spine-ct"]), read_volume(shipped["spine-ct"], "cuda")
+    assert gpu.device.type == "cuda" and gpu.is_contiguous()
+    assert torch.equal(gpu.cpu().as_tensor(), cpu.as_tensor()) and torch.equal(gpu.affine, cpu.affine)
+    steps = Preprocessing(modality="ct", spacing=(1.5, 1.5, 1.5))
+    (a, a_affine, _), (b, b_affine, _) = preprocess(cpu, steps), preprocess(gpu, steps)
+    assert b.device.type == "cuda"
+    np.testing.assert_allclose(b_affine, a_affine)
+    torch.testing.assert_close(b.cpu(), a, rtol=0, atol=1e-5)

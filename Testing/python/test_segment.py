@@ -199,7 +199,7 @@ def test_a_full_disk_is_one_line_naming_the_output_and_leaves_no_file(toy_networ
                                                                       monkeypatch, capsys):
     import errno
 
-    def full_disk(labels, affine, source, path):
+    def full_disk(labels, affine, source, path, compress):
         Path(path).write_bytes(b"part of a label map")
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -737,3 +737,110 @@ def test_segment_runs_through_the_command_line_and_model_registry_name(package, 
     assert stream[0]["model"] == "toy"
     np.testing.assert_allclose(nrrd_affine(tmp_path / "seg.nrrd"), affine, atol=1e-5)
     assert json.loads((tmp_path / "seg.json").read_text())["model"]["weights_sha256"] == package.card.weights_sha256
+
+
+# --- 9. the fast way through: the read, the device path, the counts, the raw hand-off --------------------------------
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.float32, np.float64, np.uint8])
+def test_c_ordered_float32_is_numpys_conversion_whatever_the_memory_order(dtype):
+    from voco.data.volumes import c_ordered_float32
+
+    values = np.random.default_rng(0).normal(50, 20, (21, 17, 19)).clip(0, 255).astype(dtype)
+    for array in (np.asfortranarray(values), values, np.asfortranarray(values)[:, :, None]):
+        converted = c_ordered_float32(array, torch.device("cpu"))
+        assert converted.is_contiguous() and converted.dtype == torch.float32
+        np.testing.assert_array_equal(converted.numpy(), array.astype(np.float32))
+
+
+def test_read_volume_gives_monais_loadimage_tensor(tmp_path):
+    """What LoadImage gave before (values, affine, metadata), for a NIfTI with and without scaling
+    and for an int16 NRRD stored first axis fastest, as the front ends hand volumes over."""
+    shape = (24, 20, 16)
+    affine = oblique_affine(shape=shape)
+    data = np.round(sphere_image(affine, shape) * 10).astype(np.int16)
+    scaled = nib.Nifti1Image(data, affine)
+    scaled.header.set_slope_inter(0.5, -3.0)
+    paths = [write_nifti(tmp_path / "int16.nii.gz", data, affine, np.int16), tmp_path / "scaled.nii",
+             tmp_path / "int16.nrrd"]
+    nib.save(scaled, str(paths[1]))
+    lps = RAS_TO_LPS @ affine[:3]
+    nrrd.write(str(paths[2]), data, {"space": "left-posterior-superior", "space directions": lps[:, :3].T,
+                                     "space origin": lps[:, 3], "kinds": ["domain"] * 3}, index_order="F")
+    for path in paths:
+        expected = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path))
+        image = read_volume(path, "cpu")
+        assert image.is_contiguous() and image.dtype == torch.float32 and image.shape == (1, *shape)
+        assert torch.equal(image.as_tensor(), expected.as_tensor()), path.name
+        assert torch.equal(image.affine, expected.affine) and set(image.meta) == set(expected.meta), path.name
+
+
+def test_the_device_path_on_the_cpu_gives_the_labels_of_todays_stages_run_one_by_one(package, tmp_path):
+    """segment() reads onto its device and preprocesses there; on the CPU the label map and the
+    sidecar's counts are exactly those of LoadImage -> preprocess -> sliding window -> resampling
+    (a random-weights network: any difference in its input would show in its noisy labels)."""
+    from voco.data.volumes import Preprocessing as Steps, preprocess
+    from voco.inference.segment import load_network
+
+    shape = (40, 36, 22)
+    affine = oblique_affine(spacing=(1.3, 1.1, 2.2), shape=shape)
+    source = write_nrrd(tmp_path / "scan.nrrd", sphere_image(affine, shape), affine)
+    output = tmp_path / "seg.nrrd"
+    sidecar = segment(source, output, package, SegmentOptions(device="cpu", compress=False), Events())
+    labels, header = nrrd.read(str(output), index_order="F")
+    assert header["encoding"] == "raw"
+
+    card = package.card
+    image = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(str(source))
+    network_input, input_affine, _ = preprocess(image, Steps(modality=card.preprocessing.modality,
+                                                             spacing=card.preprocessing.spacing))
+    device = torch.device("cpu")
+    scores = SlidingWindowPredictor(load_network(package, device), card.preprocessing.patch_size, device,
+                                    overlap=0.5, batch_size=1).predict(network_input, card.num_classes)
+    expected = label_map_on_grid(scores, input_affine, shape, image.affine.numpy(), card.class_values())
+    np.testing.assert_array_equal(labels, expected)
+    assert len(np.unique(expected)) == 3  # all three classes: the comparison is not of two blank maps
+    assert [r["voxels"] for r in sidecar["labels"]] == [int(np.count_nonzero(expected == v)) for v in (1, 5)]
+
+
+def test_voxel_counts_from_the_resampling_are_those_of_the_label_map(monkeypatch):
+    """One bincount per slab, where the scores are, including slabs outside the scored region
+    (all background) and two classes that share a label value."""
+    monkeypatch.setattr(resample, "SLAB_VOXELS", 30 * 26 * 3)  # several slabs
+    scores = torch.randn(4, 12, 10, 8, generator=torch.Generator().manual_seed(0)).to(torch.float16)
+    scores_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine = np.diag([-1.0, 1.0, 1.5, 1.0])
+    affine[:3, 3] = [23.0, -1.0, -4.0]  # x flipped; part of the output lies outside the scores
+    labels, counts = resample.label_map_and_counts(scores, scores_affine, (30, 26, 20), affine, [0, 1, 5, 5])
+    np.testing.assert_array_equal(labels, label_map_on_grid(scores, scores_affine, (30, 26, 20), affine,
+                                                            [0, 1, 5, 5]))
+    assert counts == {v: int(np.count_nonzero(labels == v)) for v in (0, 1, 5)}
+    assert counts[0] > 0 and counts[1] > 0 and counts[5] > 0
+    assert labels.flags.f_contiguous  # the files' order: written without a transposing copy
+
+
+def test_uncompressed_writes_a_raw_nrrd_that_the_front_end_reads_back(toy_network, toy_package, tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "VoCoCommon"))
+    from VoCoCommonLib.volumes import read_nrrd
+
+    toy_network(Threshold())
+    source, affine = axis_aligned(tmp_path)
+    output = tmp_path / "seg.nrrd"
+    assert main(["segment", str(source), str(output), "--model", str(toy_package.folder), "--device", "cpu",
+                 "--uncompressed"]) == 0
+    labels, header = nrrd.read(str(output), index_order="F")
+    assert header["encoding"] == "raw" and set(np.unique(labels)) == {0, 3}
+    labels_kji, matrix = read_nrrd(output)  # what the Slicer module's read_output reads
+    np.testing.assert_array_equal(labels_kji, labels.transpose(2, 1, 0))
+    np.testing.assert_allclose(matrix, affine, atol=1e-6)
+    # Without the option a .nrrd stays gzip-compressed; a .nii.gz cannot be uncompressed.
+    assert main(["segment", str(source), str(tmp_path / "gz.nrrd"), "--model", str(toy_package.folder)]) == 0
+    assert nrrd.read_header(str(tmp_path / "gz.nrrd"))["encoding"] == "gzip"
+    capsys.readouterr()
+    assert main(["segment", str(source), str(tmp_path / "out" / "seg.nii.gz"), "--model", str(toy_package.folder),
+                 "--uncompressed"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'out' / 'seg.nii.gz'}: a .nii.gz output is compressed; for an uncompressed one give "
+        ".nii or .nrrd"]
+    assert not (tmp_path / "out").exists()

@@ -27,7 +27,9 @@ class SegmentJob(Job):
         if not model_spec:
             raise ValueError("no model selected")
         volume = snapshot(volume_node)  # checks the volume; a view of its voxels, no copy
-        args = ["--model", model_spec, "--device", device] + ["--fast"] * bool(fast) + ["--tta"] * bool(tta)
+        # raw: the label map is read back at once on this machine, and compressing a 512x512x300 one took over a second
+        args = ["--model", model_spec, "--device", device, "--uncompressed"]
+        args += ["--fast"] * bool(fast) + ["--tta"] * bool(tta)
         if roi_node is not None:
             args += roi_argument(roi_node, volume_node)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="voco-segment-", dir=temp_root))

@@ -1,8 +1,10 @@
 """``voco segment``: one volume in, one label map (plus a JSON sidecar) out, on the input's grid.
 
 Stages: read -> ROI -> preprocess as the model card says -> sliding-window scores (half
-precision) -> resample the scores back to the input grid in slabs -> write label map and sidecar
-together. Nothing is written until the end, and a cancelled run leaves no file behind.
+precision) -> resample the scores back to the input grid in slabs, counting each label's voxels
+-> write label map and sidecar together. With a GPU, everything from the read on runs there: the
+file's voxels go to it as they are, and only the final label map comes back. Nothing is written
+until the end, and a cancelled run leaves no file behind.
 
 The outputs never replace what they should not: the input itself (``voco segment IN IN``), or,
 through the sidecar's name (``dataset.nii.gz`` -> ``dataset.json``), a file the engine did not
@@ -29,7 +31,7 @@ from ..jobs.signals import Cancelled, cancel_on_signals, signals_held_at_exit
 from ..models.segmentation import build_segmentation_network
 from ..registry.package import ModelPackage
 from ..training.distributed import choose_device
-from .resample import label_map_on_grid
+from .resample import label_map_and_counts
 from .sliding_window import SlidingWindowPredictor
 
 DEFAULT_OVERLAP = 0.5
@@ -47,6 +49,7 @@ class SegmentOptions:
     batch_size: int | None = None
     overlap: float = DEFAULT_OVERLAP
     precision: str = "auto"  # see SlidingWindowPredictor
+    compress: bool = True  # False: a raw .nrrd (or .nii) that a front end on this machine reads back at once
 
     def validate(self) -> None:
         if not 0 <= self.overlap < 1:
@@ -80,10 +83,10 @@ def segment(image_path: str | Path, output: str | Path, package: ModelPackage, o
     """Segment ``image_path`` into ``output``; returns the sidecar's content. ``networks(package,
     device)`` gives the network (default ``load_network``: read from disk; voco serve passes its cache)."""
     options.validate()
-    output = check_outputs(image_path, output)
+    output = check_outputs(image_path, output, options.compress)
     started = time.perf_counter()
     device = choose_device(options.device)
-    source = read_volume(image_path)
+    source = read_volume(image_path, device)  # preprocessing runs where the tensor is: on the GPU when one is used
     source_affine = source.affine.numpy().astype(np.float64)
     no_geometry = missing_geometry(image_path)
     if no_geometry:
@@ -112,33 +115,34 @@ def segment(image_path: str | Path, output: str | Path, package: ModelPackage, o
     scores = predictor.predict(image, card.num_classes)
     del image
     reporter.emit("progress", stage="resample", done=0, total=1)
-    labels = label_map_on_grid(scores, image_affine, region_shape, region_affine, card.class_values())
+    labels, voxels = label_map_and_counts(scores, image_affine, region_shape, region_affine, card.class_values())
     del scores
     reporter.emit("progress", stage="resample", done=1, total=1)
     if box:
-        full = np.zeros(source_shape, dtype=labels.dtype)
+        full = np.zeros(source_shape, dtype=labels.dtype, order="F")  # the label map's order (see resample)
         full[box[0]:box[3], box[1]:box[4], box[2]:box[5]] = labels
         labels = full
 
     sidecar = {
         "format": SIDECAR_FORMAT, "image": str(image_path), "label_map": output.name,
         "model": {"name": card.name, "version": card.version, "weights_sha256": card.weights_sha256},
-        "labels": [_label_record(label, labels, None if no_geometry else source_affine) for label in card.labels],
+        "labels": [_label_record(label, voxels.get(label.value, 0), None if no_geometry else source_affine)
+                   for label in card.labels],
         "device": str(predictor.device), "spacing_mm": list(spacing), "modality": modality, "fast": options.fast,
         "tta": options.tta, "overlap": options.overlap, "roi_voxels": list(box) if box else None,
         "windows_evaluated": predictor.windows_evaluated, "precision": options.precision,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    write_outputs(labels, source_affine, image_path, output, sidecar)
+    write_outputs(labels, source_affine, image_path, output, sidecar, options.compress)
     reporter.emit("done", output=str(output), sidecar=str(sidecar_path(output)), seconds=sidecar["seconds"],
                   windows=predictor.windows_evaluated)
     return sidecar
 
 
-def check_outputs(image_path, output) -> Path:
+def check_outputs(image_path, output, compress: bool = True) -> Path:
     """The label map's path, after refusing outputs that would replace the input or a file that
     is not an earlier sidecar of this engine."""
-    output = check_label_output(output)
+    output = check_label_output(output, compress)
     sidecar = sidecar_path(output)
     for written in (output, sidecar):
         if _same_file(written, image_path):
@@ -169,7 +173,8 @@ def _engine_sidecar(path: Path) -> bool:
     return isinstance(values, dict) and values.get("format") == SIDECAR_FORMAT
 
 
-def write_outputs(labels: np.ndarray, affine: np.ndarray, source, output: Path, sidecar: dict) -> None:
+def write_outputs(labels: np.ndarray, affine: np.ndarray, source, output: Path, sidecar: dict,
+                  compress: bool = True) -> None:
     """Both files or neither: each is written to a temporary name (a signal meanwhile removes
     them), then both are renamed with SIGTERM/SIGINT held back."""
     with signals_held_at_exit() as hold:
@@ -177,7 +182,7 @@ def write_outputs(labels: np.ndarray, affine: np.ndarray, source, output: Path, 
             json_tmp = stack.enter_context(atomic_path(sidecar_path(output)))
             # innermost, so that an error (a full disk) is reported for the large file, the label map
             label_tmp = stack.enter_context(atomic_path(output))
-            write_label_map(labels, affine, source, label_tmp)
+            write_label_map(labels, affine, source, label_tmp, compress)
             json_tmp.write_text(json.dumps(sidecar, indent=1))
             hold()  # the renames run as the ExitStack closes
 
@@ -204,9 +209,9 @@ def roi_box(options: SegmentOptions, affine: np.ndarray, shape: tuple[int, int, 
     return tuple(int(v) for v in (*start, *end))
 
 
-def _label_record(label, labels: np.ndarray, affine: np.ndarray | None) -> dict:
-    """The sidecar's record of ``label``; ``volume_ml`` is None without an ``affine`` the file gives."""
-    voxels = int(np.count_nonzero(labels == label.value))
+def _label_record(label, voxels: int, affine: np.ndarray | None) -> dict:
+    """The sidecar's record of ``label`` with its ``voxels``; ``volume_ml`` is None without an
+    ``affine`` the file gives."""
     volume_ml = None if affine is None else round(voxels * abs(np.linalg.det(affine[:3, :3])) / 1000.0, 3)
     return {"value": label.value, "name": label.name, "color": label.color, "terminology": label.terminology,
             "voxels": voxels, "volume_ml": volume_ml}
@@ -248,8 +253,8 @@ def segment_from_args(args, reporter, networks=None) -> int:
                              roi=parse_box(args.roi, int, "--roi"), roi_ras=parse_box(args.roi_ras, float, "--roi-ras"),
                              batch_size=args.batch_size,
                              overlap=DEFAULT_OVERLAP if args.overlap is None else args.overlap,
-                             precision=args.precision)
-    check_outputs(args.image, args.output)
+                             precision=args.precision, compress=not args.uncompressed)
+    check_outputs(args.image, args.output, options.compress)
     with cancel_on_signals():
         try:
             package = resolve_package(args.model, reporter)

@@ -257,6 +257,12 @@ def reference_cache_bytes(paths, preset, cache_dir: Path) -> int:
     return folder_bytes(cache_dir)
 
 
+def cached_voxels(cache_dir: Path) -> int:
+    """Voxels of the images in a PersistentDataset cache (torch.save keeps a cropped view's whole
+    storage, so its files hold more bytes than 4 per voxel)."""
+    return sum(torch.load(f, weights_only=False)["image"].numel() for f in Path(cache_dir).glob("*.pt"))
+
+
 def _reference_crops(preset):
     from monai.transforms import Randomizable
 
@@ -362,9 +368,11 @@ class Bench:
             cache = reference_cache_bytes(paths, preset, self.work / f"cache{n}")
             seconds = time.perf_counter() - start
             store = folder_bytes(self.store(n))
+            voxels = cached_voxels(self.work / f"cache{n}")
             print(f"N={n:4d}: sources {_mb(source)}, PersistentDataset cache {_mb(cache)} ({seconds:.1f} s), "
                   f"store {_mb(store)} (preprocess {self.preprocess_runs[n].seconds:.1f} s); "
-                  f"store / cache {store / cache:.3f} (goal <= 0.125)")
+                  f"store / cache {store / cache:.3f} (goal <= 0.125); bytes per cached voxel: cache "
+                  f"{cache / voxels:.2f}, store {store / voxels:.2f}")
 
     def speed(self) -> None:
         args = self.args
@@ -441,7 +449,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the speed runs")
     parser.add_argument("--device", default="cpu", help="device of the reference section")
     parser.add_argument("--reference-backbone", help="default: swinunetr-b on CUDA, --backbone on CPU")
-    parser.add_argument("--work", help="folder for volumes, stores, caches and runs (default: a temporary one)")
+    parser.add_argument("--work", help="a new folder for volumes, stores, caches and runs (default: a temporary one)")
     args = parser.parse_args(argv)
     sections = (args.sections.split(",") if args.sections else
                 list(SECTIONS) if args.device.startswith("cuda") else list(SECTIONS[:3]))

@@ -129,6 +129,13 @@ def crop_transform(start, preset, augment: bool) -> Compose:
     return Compose([*chain, ToTensord("image")])
 
 
+def baseline_layout(rng, shape, preset):
+    """A random patch start in a volume of ``shape`` and random target corners inside the patch."""
+    edge, patch = preset.crop_edge, preset.patch_shape
+    start = [int(rng.integers(0, s - p + 1)) for s, p in zip(shape, patch)]
+    return start, [[int(rng.integers(0, p - edge + 1)) for p in patch] for _ in range(preset.num_targets)]
+
+
 def overlap_row(target, bases, edge: int, dims: int) -> list[float]:
     """Labels of one target: its overlap fraction with each base, base by base, axis by axis."""
     return [math.prod(max(edge - abs(t - b), 0) / edge for t, b in zip(target[:dims], base[:dims])) for base in bases]
@@ -218,11 +225,7 @@ class Baseline(Side):
     def data(self, step):
         order, positions = self.order(step)
         rng = np.random.default_rng([SEED, step])
-        edge, patch, layouts = self.preset.crop_edge, self.preset.patch_shape, []
-        for i in order:
-            start = [int(rng.integers(0, s - p + 1)) for s, p in zip(self.cached[i].shape[1:], patch)]
-            targets = [[int(rng.integers(0, p - edge + 1)) for p in patch] for _ in range(self.preset.num_targets)]
-            layouts.append((start, targets))
+        layouts = [baseline_layout(rng, self.cached[i].shape[1:], self.preset) for i in order]
         crops, labels = baseline_crops([self.cached[i] for i in order], self.preset, layouts)
         keep = self.keep_mask([torch.Generator().manual_seed(int(rng.integers(2 ** 62))) for _ in positions])
         return crops.to(self.device), labels.to(self.device), keep

@@ -104,7 +104,7 @@ def main(argv):
         labels = np.zeros((5, 4, 3), np.uint8)  # I, J, K
         labels[1, 2, 0], labels[4, 3, 2] = 1, 7
         affine = np.array([[0.0, -0.8, 0, 10], [1.2, 0, 0, -5], [0, 0, 2.5, 3], [0, 0, 0, 1]])
-        _write_nrrd(labels, affine, Path(argv[2]))
+        _write_nrrd(labels, affine, Path(argv[2]), compress=True)
         print(json.dumps({"affine": affine.tolist(), "ones": [1, 2, 0], "sevens": [4, 3, 2]}))
     elif command == "sample":
         from voco.data.sample_data import fetch

@@ -146,6 +146,7 @@ def test_segmentation_widget_runs_every_handler_and_ends_idle(slicer_gui, engine
 
     # Apply again into the chosen output, then Cancel while it runs
     monkeypatch.setenv("VOCO_TEST_SLOW", "1")
+    session.client.close()  # the warm engine took its environment at start: the next job starts a slow one
     big = sphere_volume((120, 120, 40), "big")
     ui.inputVolumeSelector.setCurrentNode(big)
     assert widget._parameterNode.inputVolume is big
@@ -155,6 +156,7 @@ def test_segmentation_widget_runs_every_handler_and_ends_idle(slicer_gui, engine
     wait_for(lambda: not session.busy, what="the cancelled segmentation")
     assert ui.statusLabel.text == "cancelled" and idle_segmentation_ui(widget) == IDLE
     monkeypatch.delenv("VOCO_TEST_SLOW")
+    session.client.close()  # and the next one a quick one again
 
     # a job that fails leaves the module idle, its message shown
     widget._parameterNode.model = "no-such-model"
@@ -166,6 +168,7 @@ def test_segmentation_widget_runs_every_handler_and_ends_idle(slicer_gui, engine
 
     # closing the scene during a job cancels it; nothing is added to the new scene
     monkeypatch.setenv("VOCO_TEST_SLOW", "1")
+    session.client.close()
     widget._parameterNode.model = session.state.segmentation_models[0].spec
     widget._parameterNode.inputVolume = big
     click(ui.applyButton)
@@ -175,6 +178,7 @@ def test_segmentation_widget_runs_every_handler_and_ends_idle(slicer_gui, engine
     assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
     assert idle_segmentation_ui(widget) == IDLE
     monkeypatch.delenv("VOCO_TEST_SLOW")
+    session.client.close()  # and the next one a quick one again
 
     # the clinician loop: add the corrected case, fine-tune the real tiny model, stop it
     volume = sphere_volume()

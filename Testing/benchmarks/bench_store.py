@@ -250,17 +250,12 @@ def persistent_dataset(paths, preset, cache_dir: Path, crops=None):
                              pickle_protocol=pickle.HIGHEST_PROTOCOL, weights_only=False)
 
 
-def reference_cache_bytes(paths, preset, cache_dir: Path) -> int:
+def reference_cache(paths, preset, cache_dir: Path) -> tuple[int, int]:
+    """(bytes on disk, voxels of the cached images) of a PersistentDataset cache over ``paths``;
+    torch.save keeps a cropped view's whole storage, so its files hold more than 4 bytes per voxel."""
     dataset = persistent_dataset(paths, preset, cache_dir)
-    for i in range(len(dataset)):
-        dataset[i]  # computes and writes the cached item
-    return folder_bytes(cache_dir)
-
-
-def cached_voxels(cache_dir: Path) -> int:
-    """Voxels of the images in a PersistentDataset cache (torch.save keeps a cropped view's whole
-    storage, so its files hold more bytes than 4 per voxel)."""
-    return sum(torch.load(f, weights_only=False)["image"].numel() for f in Path(cache_dir).glob("*.pt"))
+    voxels = sum(dataset[i]["image"].numel() for i in range(len(dataset)))  # each computed and written
+    return folder_bytes(cache_dir), voxels
 
 
 def _reference_crops(preset):
@@ -365,10 +360,9 @@ class Bench:
             paths = sorted(self.folder(n).glob("*.nii.gz"))
             source = sum(p.stat().st_size for p in paths)
             start = time.perf_counter()
-            cache = reference_cache_bytes(paths, preset, self.work / f"cache{n}")
+            cache, voxels = reference_cache(paths, preset, self.work / f"cache{n}")
             seconds = time.perf_counter() - start
             store = folder_bytes(self.store(n))
-            voxels = cached_voxels(self.work / f"cache{n}")
             print(f"N={n:4d}: sources {_mb(source)}, PersistentDataset cache {_mb(cache)} ({seconds:.1f} s), "
                   f"store {_mb(store)} (preprocess {self.preprocess_runs[n].seconds:.1f} s); "
                   f"store / cache {store / cache:.3f} (goal <= 0.125); bytes per cached voxel: cache "

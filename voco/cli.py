@@ -104,9 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     _add_workers_option(p, "processes reading a store's patches ahead (0: in the training process)")
 
-    p = sub.add_parser("preprocess", help="preprocess volumes once into a store that voco pretrain streams")
-    p.add_argument("--data", nargs="+", required=True, help="images, folders, dataset.json or list files")
+    p = sub.add_parser("preprocess", help="preprocess volumes once into a store that voco pretrain (or, with "
+                                          "--labels, voco finetune) streams")
+    p.add_argument("--data", nargs="+", required=True, help="images, folders, dataset.json or list files; with "
+                                                            "--labels, one labelled dataset as voco finetune takes it")
     p.add_argument("--out", required=True, help="store folder (plan.json, index.json, one .vox file per volume)")
+    p.add_argument("--labels", action="store_true",
+                   help="store each case's label map too, preprocessed for voco finetune (--spacing, default 1.5; "
+                        "--modality; --patch-size)")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="with --labels: the largest fine-tuning patch edge; cases are padded to it (default 96)")
     _add_preset_options(p)
     _add_workers_option(p, "processes preprocessing volumes in parallel")
 
@@ -125,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
 
     p = sub.add_parser("finetune", help="fine-tune a segmentation network on labelled volumes")
-    p.add_argument("--data", help="dataset.json (MSD / nnU-Net v2) or a folder with imagesTr/ + labelsTr/")
+    p.add_argument("--data", help="dataset.json (MSD / nnU-Net v2), a folder with imagesTr/ + labelsTr/, or a "
+                                  "store made by voco preprocess --labels, streamed")
     p.add_argument("--out", required=True, help="run folder (last.pt, best.pt, metrics.jsonl, model/)")
     p.add_argument("--init", help="starting weights: a checkpoint of any published layout, a model package or a "
                                   "registry name (default: random initialisation)")
@@ -141,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    _add_workers_option(p, "processes reading a store's patches ahead (0: in the training process)")
 
     p = sub.add_parser("evaluate", help="does an initialisation help? fine-tune from each, score on held-out cases")
     p.add_argument("--data", required=True, help="labelled dataset, as voco finetune takes it")
@@ -262,13 +271,42 @@ def cmd_preprocess(args, reporter) -> int:
     from .data.volumes import Preprocessing
     from .jobs.run_lock import run_lock
 
-    options = Preprocessing.for_preset(_preset(args, "v2"), args.modality or "auto")
-    images = list_images(args.data)
-    with run_lock(args.out):
-        counts = preprocess_store(images, args.out, options, reporter,
-                                  _default_workers() if args.workers is None else args.workers)
+    workers = _default_workers() if args.workers is None else args.workers
+    if args.labels:
+        options, pairs, names = _labelled_preprocessing(args)
+        with run_lock(args.out):
+            counts = preprocess_store([image for image, _ in pairs], args.out, options, reporter, workers,
+                                      label_maps=[label for _, label in pairs], label_names=names)
+    else:
+        if args.patch_size is not None:
+            raise VocoInputError("voco preprocess: --patch-size is for --labels; a preset sets pretraining's patches")
+        options = Preprocessing.for_preset(_preset(args, "v2"), args.modality or "auto")
+        images = list_images(args.data)
+        with run_lock(args.out):
+            counts = preprocess_store(images, args.out, options, reporter, workers)
     reporter.emit("done", **counts)
     return 0
+
+
+def _labelled_preprocessing(args):
+    """``voco preprocess --labels``: fine-tuning's preprocessing, the cases and their label names."""
+    from .data.sources import dataset_label_names, list_labelled_cases
+    from .data.volumes import Preprocessing
+    from .presets import parse_triple
+    from .training.finetune import DEFAULT_SPACING, FinetuneConfig
+
+    pretraining = [f"--{name.replace('_', '-')}" for name in ("preset", "grid", "crop_edge", "targets", "norm_scope")
+                   if getattr(args, name) is not None]
+    if pretraining:
+        raise VocoInputError(f"voco preprocess --labels: {pretraining[0]} is a pretraining option")
+    if len(args.data) != 1:
+        raise VocoInputError("voco preprocess --labels: --data takes one labelled dataset (dataset.json or a folder "
+                             "with imagesTr/ + labelsTr/)")
+    patch = 96 if args.patch_size is None else args.patch_size
+    FinetuneConfig(data=args.data[0], out=args.out, patch_size=patch).validate()
+    spacing = parse_triple(args.spacing, float, "--spacing") if args.spacing else DEFAULT_SPACING
+    options = Preprocessing(modality=args.modality or "auto", spacing=spacing, pad_to=(patch,) * 3)
+    return options, list_labelled_cases(args.data[0]), dataset_label_names(args.data[0])
 
 
 def cmd_crops(args, reporter) -> int:
@@ -305,7 +343,7 @@ def cmd_finetune(args, reporter) -> int:
     from .training.finetune import finetune_from_args
 
     with run_lock(args.out):
-        return finetune_from_args(args, reporter)
+        return finetune_from_args(args, reporter, _default_workers() if args.workers is None else args.workers)
 
 
 def cmd_evaluate(args, reporter) -> int:

@@ -32,6 +32,12 @@ def image_suffix(path: str | Path) -> str | None:
     return next((suffix for suffix in IMAGE_SUFFIXES if name.endswith(suffix)), None)
 
 
+def case_name(path: str | Path) -> str:
+    """A case's name: its image file's name without the suffix and nnU-Net's ``_0000`` channel tag."""
+    name = Path(path).name
+    return name[: -len(image_suffix(name) or "")].removesuffix("_0000")
+
+
 def list_images(paths: list[str | Path]) -> list[Path]:
     """The image files that ``paths`` name, in order, each once (compared by resolved path).
 

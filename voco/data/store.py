@@ -9,11 +9,17 @@ A store is a folder:
   stored ones the file (``key``), shape, affines and modality;
 * one ``<key>.vox`` file per stored volume.
 
+A store made for fine-tuning (``voco preprocess --labels``) also keeps each case's label map,
+preprocessed with its image (nearest neighbour), as ``<key>.label.vox`` (uint8, or uint16 for
+values above 255), and a sample of its foreground voxels as ``<key>.foreground.npy``; its plan
+names the labels of the dataset.
+
 A ``.vox`` file holds one volume ``(C, X, Y, Z)`` cut into cubic chunks, each compressed on its
 own (zlib, fast level), behind a table of their offsets, so reading a patch decompresses only the
 chunks it overlaps. Windowed CT is in [0, 1] and stored as uint8 (``round(v * 255)``, at most
-1/510 off); the MRI z-score as float16. The reader seeks to the chunks it needs: nothing of a
-file is mapped or kept open by the process, so its memory does not grow with the store.
+1/510 off); the MRI z-score as float16; label values as they are. The reader seeks to the
+chunks it needs: nothing of a file is mapped or kept open by the process, so its memory does not
+grow with the store.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from ..errors import VocoInputError
 
 FORMAT, FORMAT_VERSION = "voco-store", 1
 PLAN_NAME, INDEX_NAME, VOLUME_SUFFIX = "plan.json", "index.json", ".vox"
+LABEL_SUFFIX, FOREGROUND_SUFFIX = ".label.vox", ".foreground.npy"
 CHUNK_EDGE = 32
 ZLIB_LEVEL = 1  # the fast level: windowed CT is mostly runs of 0 and 255 that any level finds
 # The encoding of each modality's preprocessed values: (dtype, scale applied before storing).
@@ -47,12 +54,16 @@ def is_store(path) -> bool:
     return (Path(path) / PLAN_NAME).is_file()
 
 
-def plan_for(preprocessing) -> dict:
-    """What ``plan.json`` holds for volumes preprocessed with ``preprocessing``."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION,
+def plan_for(preprocessing, label_names: dict[int, str] | None = None) -> dict:
+    """What ``plan.json`` holds for volumes preprocessed with ``preprocessing``; with
+    ``label_names`` (value -> name, possibly empty), a store of labelled cases."""
+    plan = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "preprocessing": json.loads(json.dumps(dataclasses.asdict(preprocessing))),
             "encodings": {m: {"dtype": d, "scale": s} for m, (d, s) in ENCODINGS.items()},
             "chunk_edge": CHUNK_EDGE, "engine_version": __version__}
+    if label_names is not None:
+        plan["label_names"] = {str(value): name for value, name in sorted(label_names.items())}
+    return plan
 
 
 def write_json(path: Path, value) -> None:
@@ -72,7 +83,16 @@ def write_volume(path: Path, image: np.ndarray, modality: str) -> None:
     """``image`` float32 ``(C, X, Y, Z)`` encoded for ``modality`` into ``path``, atomically."""
     dtype, scale = ENCODINGS[modality]
     values = np.round(np.clip(image, 0.0, 1.0) * scale) if dtype == "uint8" else image
-    values = np.ascontiguousarray(values.astype(dtype))
+    _write_chunked(path, values.astype(dtype), scale)
+
+
+def write_label_volume(path: Path, label: np.ndarray) -> None:
+    """A label map ``(1, X, Y, Z)`` of whole numbers up to 65535 into ``path``, atomically."""
+    _write_chunked(path, label.astype(np.uint8 if label.max(initial=0) <= 255 else np.uint16), 1.0)
+
+
+def _write_chunked(path: Path, values: np.ndarray, scale: float) -> None:
+    values, dtype = np.ascontiguousarray(values), values.dtype.name
     grid = [range(0, n, CHUNK_EDGE) for n in values.shape[1:]]
     chunks = [zlib.compress(np.ascontiguousarray(values[:, x:x + CHUNK_EDGE, y:y + CHUNK_EDGE, z:z + CHUNK_EDGE]),
                             ZLIB_LEVEL)
@@ -126,6 +146,13 @@ class VolumeFile:
 
     def read_patch(self, start, shape) -> np.ndarray:
         """float32 ``(C, *shape)`` starting at voxel ``start``; it must lie inside the volume."""
+        out = self.read_stored_patch(start, shape).astype(np.float32)
+        if self.scale != 1.0:
+            out /= self.scale
+        return out
+
+    def read_stored_patch(self, start, shape) -> np.ndarray:
+        """The patch as stored (uint8, float16 or uint16): label values come back as they are."""
         start, shape = [int(v) for v in start], [int(v) for v in shape]
         if any(s < 0 or s + n > m for s, n, m in zip(start, shape, self.shape[1:])):
             raise ValueError(f"patch {start}+{shape} outside the volume {self.shape[1:]}")
@@ -139,10 +166,7 @@ class VolumeFile:
                 into = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
                 source = tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, corner))
                 stored[(slice(None), *into)] = chunk[(slice(None), *source)]
-        out = stored.astype(np.float32)
-        if self.scale != 1.0:
-            out /= self.scale
-        return out
+        return stored
 
     def read(self) -> np.ndarray:
         return self.read_patch((0, 0, 0), self.shape[1:])

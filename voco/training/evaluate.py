@@ -42,12 +42,12 @@ import numpy as np
 import torch.distributed as dist
 
 from ..checkpoints.files import atomic_path, remove_stale_temporaries
-from ..data.sources import list_labelled_cases
+from ..data.sources import case_name, list_labelled_cases
 from ..errors import VocoInputError
 from ..jobs.signals import StopRequest
 from ..presets import parse_triple
 from .distributed import choose_device, shutdown
-from .finetune import (DEFAULT_PATCH, DEFAULT_SPACING, LAST_NAME, METRICS_NAME, FinetuneConfig, case_name,
+from .finetune import (DEFAULT_PATCH, DEFAULT_SPACING, LAST_NAME, METRICS_NAME, FinetuneConfig,
                        check_unique_case_names, finetune)
 
 SCRATCH = "scratch"

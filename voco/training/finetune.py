@@ -1,7 +1,8 @@
 """``voco finetune``: a segmentation network on labelled volumes, starting from VoCo weights.
 
 Stages, as in the command line: list cases -> preprocess (image and label together, cached in
-memory) -> train on patches (half centred on foreground, half anywhere) with DiceCE ->
+memory; or, from a store made by ``voco preprocess --labels``, streamed by DataLoader workers)
+-> train on patches (half centred on foreground, half anywhere) with DiceCE ->
 validate by sliding window every ``val_every`` steps -> checkpoint (``last.pt`` always,
 ``best.pt`` and the model package ``model/`` when validation Dice improves).
 
@@ -32,7 +33,9 @@ import torch
 from monai.losses import DiceCELoss
 
 from ..checkpoints.files import atomic_path, load_checkpoint, require_finite, save_checkpoint
-from ..data.sources import MAX_LABEL_VALUE, dataset_label_names, list_labelled_cases
+from ..data.patches import augment_patch, draw_patch, foreground_sample
+from ..data.sources import MAX_LABEL_VALUE, case_name, dataset_label_names, list_labelled_cases
+from ..data.store import is_store
 from ..data.volumes import Preprocessing, check_declared_size, preprocess_pair, read_label_map, read_volume
 from ..errors import VocoInputError, first_line
 from ..inference.sliding_window import SlidingWindowPredictor
@@ -42,9 +45,11 @@ from ..models.segmentation import build_segmentation_network
 from ..presets import MAX_PATCH_EDGE, parse_triple
 from ..registry.package import Label, ModelCard, ModelPackage, Preprocessing as CardPreprocessing, default_labels, write_package
 from .distributed import choose_device
+from .finetune_store import FinetuneSteps, LabelledStore
 from .finite_steps import NonFiniteSteps
 from .saved_config import read_saved_config
 from .schedules import build_optimizer
+from .store_steps import step_loader
 
 LAST_NAME, BEST_NAME, METRICS_NAME, PACKAGE_DIR = "last.pt", "best.pt", "metrics.jsonl", "model"
 FORMAT = "voco-finetune"
@@ -101,17 +106,27 @@ class Case:
     classes: torch.Tensor  # uint8 (1, X, Y, Z): network class per voxel
     foreground: torch.Tensor  # (N, 3) voxel indices with a foreground class (a sample of them)
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.image.shape[1:])
+
+    def whole(self, lookup=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.image, self.classes
+
 
 class Finetuner:
     def __init__(self, config: FinetuneConfig, reporter, device: str = "auto", resume: bool = False,
-                 case_cache: dict | None = None):
-        """``case_cache``: preprocessed cases kept between runs on the same data (voco evaluate)."""
+                 case_cache: dict | None = None, workers: int = 0):
+        """``case_cache``: preprocessed cases kept between runs on the same data (voco evaluate);
+        ``workers``: DataLoader processes reading a store's patches ahead (0: this process)."""
         config.validate()
         self.config, self.reporter = config, reporter
         self.run_dir = Path(config.out)
         self.device = choose_device(device)
+        self.workers, self._streamed = workers, None
         state = self._resume_state() if resume else None
-        pairs = list_labelled_cases(config.data)
+        self.store = LabelledStore(config.data) if is_store(config.data) else None
+        pairs = None if self.store else list_labelled_cases(config.data)
 
         init_package, init_weights = (None, None) if resume else self._init_weights()
         card = init_package.card if init_package else None
@@ -121,12 +136,23 @@ class Finetuner:
             raise VocoInputError(f"--init holds a {init_weights.architecture} network, not {self.architecture}", config.init)
         config.patch_size = config.patch_size or (card.preprocessing.patch_size[0] if card else None) or \
             DEFAULT_PATCH.get(self.architecture, 96)
-        config.spacing = tuple(config.spacing or (card.preprocessing.spacing if card else DEFAULT_SPACING))
+        config.spacing = tuple(config.spacing or (card.preprocessing.spacing if card else None)
+                               or (self.store.spacing if self.store else DEFAULT_SPACING))
         if config.modality == "auto" and card:
             config.modality = card.preprocessing.modality
 
+        if self.store:
+            self.store.check(config.spacing, config.patch_size, config.modality)
+            for entry in self.store.store.skipped:
+                reporter.emit("warning", message=f"not in the store: {entry['reason']}", file=entry["source"])
         self.labels = self._labels(pairs, card, state)
-        self.cases = self._cached_cases(pairs, case_cache)
+        self.lookup = np.zeros(max(label.value for label in self.labels) + 1, dtype=np.uint8)
+        for index, label in enumerate(self.labels, start=1):
+            self.lookup[label.value] = index
+        if self.store:
+            self.cases, self.modality = self.store.cases, self.store.modality
+        else:
+            self.cases = self._cached_cases(pairs, case_cache)
         self.train_cases, self.val_cases, self.val_on_training = self._split(self.cases)
 
         torch.manual_seed(config.seed)
@@ -165,10 +191,12 @@ class Finetuner:
         next version keeps its label order), then any new values of the data."""
         if state is not None:
             return [Label(**label) for label in state["labels"]]
-        names = dataset_label_names(self.config.data)
-        values = set()
-        for _, label_path in pairs:
-            values |= set(_label_values(label_path).astype(int).tolist())
+        if self.store:
+            names, values = self.store.label_names, set(self.store.label_values)
+        else:
+            names, values = dataset_label_names(self.config.data), set()
+            for _, label_path in pairs:
+                values |= set(_label_values(label_path).astype(int).tolist())
         values.discard(0)
         if not values:  # judged on the label maps alone: dataset.json names every label, present or not
             raise VocoInputError("the label maps hold no foreground (only 0)", self.config.data)
@@ -195,10 +223,7 @@ class Finetuner:
         return cases
 
     def _load_cases(self, pairs) -> list[Case]:
-        config = self.config
-        lookup = np.zeros(max(label.value for label in self.labels) + 1, dtype=np.uint8)
-        for index, label in enumerate(self.labels, start=1):
-            lookup[label.value] = index
+        config, lookup = self.config, self.lookup
         cases, modality = [], config.modality
         for image_path, label_path in pairs:
             image = read_volume(image_path)
@@ -210,10 +235,7 @@ class Finetuner:
             image, label, _, resolved = preprocess_pair(image, label, options)
             modality = resolved if modality == "auto" else modality  # every case scaled like the first
             classes = torch.from_numpy(lookup[label.numpy()])
-            foreground = torch.nonzero(classes[0])
-            if len(foreground) > 20000:  # enough centres to choose from; keeps memory small
-                foreground = foreground[torch.randperm(len(foreground), generator=torch.Generator().manual_seed(0))[:20000]]
-            cases.append(Case(case_name(image_path), image, classes, foreground))
+            cases.append(Case(case_name(image_path), image, classes, foreground_sample(classes[0])))
         self.modality = modality
         return cases
 
@@ -256,31 +278,35 @@ class Finetuner:
         return train, val or train, not val
 
     def sample_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        edge = self.config.patch_size
+        """The images and classes of ``step``'s samples, cut from the cases in memory."""
+        config, edge = self.config, self.config.patch_size
         images, targets = [], []
-        for index in range(self.config.batch_size):
-            rng = np.random.default_rng([self.config.seed, step, index])
-            case = self.train_cases[rng.integers(len(self.train_cases))]
-            shape = np.array(case.image.shape[1:])
-            if rng.random() < self.config.positive_fraction and len(case.foreground):
-                centre = case.foreground[rng.integers(len(case.foreground))].numpy()
-            else:
-                centre = rng.integers(0, shape)
-            start = np.clip(centre - edge // 2, 0, shape - edge)
-            region = (slice(None), *(slice(s, s + edge) for s in start))
-            image, target = case.image[region], case.classes[region]
-            flips = [axis + 1 for axis in range(3) if rng.random() < 0.5]
-            if flips:
-                image, target = image.flip(flips), target.flip(flips)
-            image = image * rng.uniform(0.9, 1.1) + rng.uniform(-0.1, 0.1)
+        for index in range(config.batch_size):
+            draw = draw_patch(self.train_cases, edge, config.positive_fraction, config.seed, step, index)
+            case = self.train_cases[draw.case]
+            region = (slice(None), *(slice(s, s + edge) for s in draw.start))
+            image, target = augment_patch(case.image[region], case.classes[region], draw)
             images.append(image)
             targets.append(target)
         return torch.stack(images).to(self.device), torch.stack(targets).to(self.device)
 
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current step's batch: from the cases in memory, or as DataLoader workers read it
+        ahead from the store (the same draws; the iterator starts at the first step asked for)."""
+        if self.store is None:
+            return self.sample_batch(self.step)
+        if self._streamed is None:
+            config = self.config
+            steps = FinetuneSteps(self.train_cases, self.lookup, config.patch_size, config.positive_fraction,
+                                  config.seed, config.batch_size)
+            self._streamed = iter(step_loader(steps, self.step, config.steps, self.workers, self.device))
+        images, targets = next(self._streamed)
+        return images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
     # --- training -----------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         self.network.train()
-        images, targets = self.sample_batch(self.step)
+        images, targets = self.next_batch()
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             loss = self.loss(self.network(images), targets.long())
         grad_norm = float("nan")
@@ -307,8 +333,9 @@ class Finetuner:
                                            batch_size=4 if self.device.type == "cuda" else 1)
         per_label = {label.name: [] for label in self.labels}
         for case in self.val_cases:
-            predicted = predictor.predict(case.image, len(self.labels) + 1).argmax(0).cpu()
-            reference = case.classes[0]
+            image, classes = case.whole(self.lookup)
+            predicted = predictor.predict(image, len(self.labels) + 1).argmax(0).cpu()
+            reference = classes[0]
             for index, label in enumerate(self.labels, start=1):
                 p, r = predicted == index, reference == index
                 total = int(p.sum() + r.sum())
@@ -438,14 +465,6 @@ def next_version(parent: str, taken) -> str:
     return str(max(majors, default=0) + 1)
 
 
-def case_name(path: Path) -> str:
-    """A case's name: its image file's name without the suffix and nnU-Net's ``_0000`` channel tag."""
-    from ..data.sources import image_suffix
-
-    name = Path(path).name
-    return name[: -len(image_suffix(name) or "")].removesuffix("_0000")
-
-
 def check_unique_case_names(names: list[str], data) -> None:
     seen = set()
     for name in names:
@@ -455,8 +474,8 @@ def check_unique_case_names(names: list[str], data) -> None:
 
 
 def finetune(config: FinetuneConfig, reporter, device: str = "auto", resume: bool = False,
-             case_cache: dict | None = None) -> int:
-    return Finetuner(config, reporter, device, resume, case_cache).run()
+             case_cache: dict | None = None, workers: int = 0) -> int:
+    return Finetuner(config, reporter, device, resume, case_cache, workers).run()
 
 
 def resumable_config(run_dir, given: dict) -> FinetuneConfig:
@@ -472,7 +491,7 @@ def resumable_config(run_dir, given: dict) -> FinetuneConfig:
     return config
 
 
-def finetune_from_args(args, reporter) -> int:
+def finetune_from_args(args, reporter, workers: int = 0) -> int:
     given = {k: v for k, v in vars(args).items() if v is not None}
     if args.resume:
         config = resumable_config(args.out, given)
@@ -486,4 +505,4 @@ def finetune_from_args(args, reporter) -> int:
                      "val_cases", "name", "seed"):
             if name in given:
                 setattr(config, name, given[name])
-    return finetune(config, reporter, device=args.device, resume=args.resume)
+    return finetune(config, reporter, device=args.device, resume=args.resume, workers=workers)

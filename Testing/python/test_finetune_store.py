@@ -65,9 +65,11 @@ def test_the_store_keeps_each_label_map_and_foreground_as_fine_tuning_from_the_f
         stored = VolumeFile(store / entry["key"].replace(".vox", ".label.vox")).read_stored_patch((0, 0, 0), case.shape)
         assert stored.dtype == np.uint8
         np.testing.assert_array_equal(stored, label.numpy())
+        np.testing.assert_array_equal(np.load(store / entry["key"].replace(".vox", ".foreground.npy")),
+                                      case.foreground.numpy())
         stored_case = StoredCase(store, entry, case.name)
-        np.testing.assert_array_equal(stored_case.foreground, case.foreground.numpy())
-        assert entry["foreground_voxels"] == len(case.foreground)
+        assert len(stored_case.foreground) == entry["foreground_voxels"] == len(case.foreground)
+        np.testing.assert_array_equal(stored_case.foreground[7], case.foreground[7].numpy())
 
 
 def test_a_run_from_the_store_draws_the_patches_a_run_from_the_files_draws(dataset, store, tmp_path):
@@ -191,3 +193,14 @@ def test_a_store_that_does_not_fit_the_run_is_refused_in_one_line(dataset, store
     assert "--preset is a pretraining option" in line
     line = refused(capsys, "preprocess", "--data", dataset, "--out", store, "--spacing", "2,2,2")
     assert str(store) in line and "use another --out" in line
+
+
+def test_a_resumed_run_refuses_a_store_that_gained_a_label_its_labels_do_not_name(store, tmp_path, capsys):
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    assert Finetuner(small_config(copy, tmp_path / "run", steps=1), Events(), "cpu").run() == 0
+    index = json.loads((copy / "index.json").read_text())
+    index[0]["label_values"] = [0, 1, 2, 3]  # as a rerun of voco preprocess after a new label was drawn
+    (copy / "index.json").write_text(json.dumps(index))
+    line = refused(capsys, "finetune", "--out", tmp_path / "run", "--resume", "--steps", "2", "--device", "cpu")
+    assert line == f"error: {copy}: has label value 3, which the model's labels do not name"

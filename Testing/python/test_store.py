@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 
 import nibabel as nib
 import numpy as np
@@ -307,3 +308,42 @@ def test_a_two_process_ddp_run_streams_from_the_store(store, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     stream = events(result.stdout)
     assert stream[0]["world_size"] == 2 and stream[0]["volumes"] == 3 and stream[-1]["event"] == "done"
+
+
+def test_a_run_stopped_by_signalling_its_process_group_saves_and_exits_143(store, tmp_path):
+    """What a front end's Stop does: SIGTERM to the whole group, DataLoader workers included.
+    They leave the stop to the trainer (a worker killed by the signal once made the DataLoader
+    raise in the middle of a step: a traceback and exit 1, the checkpoint not saved)."""
+    process = subprocess.Popen(voco_command("pretrain", "--data", store, "--out", tmp_path / "run", *PRESET_ARGS,
+                                            "--backbone", "swinunetr-tiny", "--batch-size", "1", "--steps", "50",
+                                            "--checkpoint-every", "100", "--workers", "2", "--device", "cpu",
+                                            "--progress", "jsonl"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               start_new_session=True)
+    for line in process.stdout:
+        if '"step"' in line:
+            time.sleep(0.5)  # into the next step, while the workers read ahead
+            os.killpg(process.pid, signal.SIGTERM)
+            break
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM and err == "", err[-2000:]
+    assert events(out)[-1]["event"] == "stopped"
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] >= 1
+
+
+def test_a_damaged_chunk_read_by_a_worker_stops_the_run_in_one_line(store, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(store, damaged)
+    for entry in json.loads((damaged / "index.json").read_text()):
+        volume = VolumeFile(damaged / entry["key"])
+        data = bytearray((damaged / entry["key"]).read_bytes())
+        for i in range(len(volume.offsets) - 1):  # every chunk's zlib header made invalid
+            data[volume.data_start + int(volume.offsets[i])] = 0xFF
+        (damaged / entry["key"]).write_bytes(bytes(data))
+    code = main(["pretrain", "--data", str(damaged), "--out", str(tmp_path / "run"), *PRESET_ARGS, "--device", "cpu",
+                 "--backbone", "swinunetr-tiny", "--batch-size", "1", "--steps", "1", "--workers", "1",
+                 "--progress", "jsonl"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {damaged}/") and ".vox: is damaged: chunk" in lines[0]
+    assert "does not decompress" in lines[0] and lines[0].endswith("run voco preprocess again")

@@ -2,8 +2,8 @@
 
 Every draw is a function of ``(seed, step, index)`` and of the cases' shapes and foreground
 samples, nothing else, so the cases may be tensors in memory or files of a store read by
-DataLoader workers: the same run draws the same patches either way, and a resumed run draws
-what an uninterrupted one does.
+DataLoader workers (cases of the same shapes give the same patches either way), and a resumed
+run draws what an uninterrupted one does.
 """
 
 from __future__ import annotations

@@ -140,7 +140,11 @@ class VolumeFile:
         i = (cx * self.grid[1] + cy) * self.grid[2] + cz
         begin, end = int(self.offsets[i]), int(self.offsets[i + 1])
         file.seek(self.data_start + begin)
-        data = zlib.decompress(file.read(end - begin))
+        try:
+            data = zlib.decompress(file.read(end - begin))
+        except zlib.error as error:
+            raise VocoInputError(f"is damaged: chunk {i} does not decompress ({error}); run voco preprocess again",
+                                 self.path) from None
         size = [min(self.edge, n - c * self.edge) for n, c in zip(self.shape[1:], (cx, cy, cz))]
         return np.frombuffer(data, dtype=self.dtype).reshape(self.shape[0], *size)
 

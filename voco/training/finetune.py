@@ -49,7 +49,7 @@ from .finetune_store import FinetuneSteps, LabelledStore
 from .finite_steps import NonFiniteSteps
 from .saved_config import read_saved_config
 from .schedules import build_optimizer
-from .store_steps import step_loader
+from .store_steps import stream_steps
 
 LAST_NAME, BEST_NAME, METRICS_NAME, PACKAGE_DIR = "last.pt", "best.pt", "metrics.jsonl", "model"
 FORMAT = "voco-finetune"
@@ -146,6 +146,11 @@ class Finetuner:
             for entry in self.store.store.skipped:
                 reporter.emit("warning", message=f"not in the store: {entry['reason']}", file=entry["source"])
         self.labels = self._labels(pairs, card, state)
+        if self.store:
+            unnamed = sorted(self.store.label_values - {0} - {label.value for label in self.labels})
+            if unnamed:
+                raise VocoInputError(f"has label value {unnamed[0]}, which the model's labels do not name",
+                                     self.store.store.folder)
         self.lookup = np.zeros(max(label.value for label in self.labels) + 1, dtype=np.uint8)
         for index, label in enumerate(self.labels, start=1):
             self.lookup[label.value] = index
@@ -299,7 +304,7 @@ class Finetuner:
             config = self.config
             steps = FinetuneSteps(self.train_cases, self.lookup, config.patch_size, config.positive_fraction,
                                   config.seed, config.batch_size)
-            self._streamed = iter(step_loader(steps, self.step, config.steps, self.workers, self.device))
+            self._streamed = stream_steps(steps, self.step, config.steps, self.workers, self.device)
         images, targets = next(self._streamed)
         return images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
@@ -356,28 +361,31 @@ class Finetuner:
                            spacing=list(config.spacing), patch_size=config.patch_size, modality=self.modality)
         started, first_step = time.perf_counter(), self.step
         with StopRequest() as stop, open(self.run_dir / METRICS_NAME, "a") as metrics:
-            while self.step < config.steps:
-                values = self.train_step()
-                self.step += 1
-                per_step = (time.perf_counter() - started) / (self.step - first_step)
-                record = {"step": self.step, "total": config.steps, **values, "lr": self.optimizer.param_groups[0]["lr"],
-                          "samples_per_s": config.batch_size / per_step, "eta_s": per_step * (config.steps - self.step)}
-                self.reporter.emit("step", **record)
-                if self.step % config.val_every == 0 or self.step == config.steps:
-                    result = self.validate()
-                    self.reporter.emit("val_dice", step=self.step, dice=result["dice"], mean=result["mean"],
-                                       on_training_data=self.val_on_training)
-                    record.update(val_dice=result["dice"], val_mean=result["mean"])
-                    if result["mean"] > self.best["mean"]:
-                        self.best = {"mean": result["mean"], "step": self.step, "dice": result["dice"]}
-                        self.save_best()
-                metrics.write(json.dumps({k: finite_or_none(v) for k, v in record.items()}) + "\n")
-                metrics.flush()
-                if stop.signal or self.step % config.checkpoint_every == 0 or self.step == config.steps:
-                    self.save_last()
-                if stop.signal:
-                    self.reporter.emit("stopped", step=self.step, checkpoint=str(self.run_dir / LAST_NAME))
-                    return 128 + stop.signal
+            try:
+                while self.step < config.steps:
+                    values = self.train_step()
+                    self.step += 1
+                    per_step = (time.perf_counter() - started) / (self.step - first_step)
+                    record = {"step": self.step, "total": config.steps, **values, "lr": self.optimizer.param_groups[0]["lr"],
+                              "samples_per_s": config.batch_size / per_step, "eta_s": per_step * (config.steps - self.step)}
+                    self.reporter.emit("step", **record)
+                    if self.step % config.val_every == 0 or self.step == config.steps:
+                        result = self.validate()
+                        self.reporter.emit("val_dice", step=self.step, dice=result["dice"], mean=result["mean"],
+                                           on_training_data=self.val_on_training)
+                        record.update(val_dice=result["dice"], val_mean=result["mean"])
+                        if result["mean"] > self.best["mean"]:
+                            self.best = {"mean": result["mean"], "step": self.step, "dice": result["dice"]}
+                            self.save_best()
+                    metrics.write(json.dumps({k: finite_or_none(v) for k, v in record.items()}) + "\n")
+                    metrics.flush()
+                    if stop.signal or self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                        self.save_last()
+                    if stop.signal:
+                        self.reporter.emit("stopped", step=self.step, checkpoint=str(self.run_dir / LAST_NAME))
+                        return 128 + stop.signal
+            finally:
+                self._streamed = None  # a store's DataLoader workers end with the run
         self.reporter.emit("done", step=self.step, best_step=self.best["step"], best_mean_dice=self.best["mean"],
                            model=str(self.run_dir / PACKAGE_DIR))
         return 0

@@ -1,8 +1,9 @@
 """Fine-tuning data streamed from a labelled store (``voco preprocess --labels``).
 
 The training process keeps only each case's name and shape; DataLoader workers read each step's
-patches (image and label map) from the store and draw and augment them exactly as fine-tuning
-from cases in memory does (``voco.data.patches``). Validation decodes one whole case at a time.
+patches (image and label map) from the store, drawn and augmented as fine-tuning from cases in
+memory does (``voco.data.patches``): from a store padded to the run's patch size, the same
+patches. Validation decodes one whole case at a time.
 """
 
 from __future__ import annotations
@@ -21,28 +22,14 @@ from ..errors import VocoInputError
 
 
 class StoredCase:
-    """One labelled case of a store; its foreground sample is read where a draw needs it."""
+    """One labelled case of a store."""
 
     def __init__(self, folder: Path, entry: dict, name: str):
         self.name = name
         self.shape = tuple(entry["shape"][1:])
         self.image_file = VolumeFile(folder / entry["key"])
         self.label_file = VolumeFile(folder / label_key(entry["key"]))
-        self._foreground_path = folder / foreground_key(entry["key"])
-        self._foreground = None
-
-    @property
-    def foreground(self) -> np.ndarray:
-        if self._foreground is None:  # mapped, not read: a draw touches one row
-            try:
-                self._foreground = np.load(self._foreground_path, mmap_mode="r")
-            except (OSError, ValueError) as error:
-                raise VocoInputError(f"cannot be read ({error}); run voco preprocess again",
-                                     self._foreground_path) from None
-        return self._foreground
-
-    def __getstate__(self):  # sent to DataLoader workers without an open mapping
-        return {**self.__dict__, "_foreground": None}
+        self.foreground = ForegroundRows(folder / foreground_key(entry["key"]), entry["foreground_voxels"])
 
     def region(self, start, edge: int, lookup: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The image patch (float32) and its network classes (uint8) at ``start``."""
@@ -54,6 +41,23 @@ class StoredCase:
         """The whole image and its classes (validation)."""
         classes = lookup[self.label_file.read_stored_patch((0, 0, 0), self.shape)]
         return torch.from_numpy(self.image_file.read()), torch.from_numpy(classes)
+
+
+class ForegroundRows:
+    """A case's foreground sample, read a row at a time where a draw needs one: nothing is kept
+    open, however many cases a worker draws from."""
+
+    def __init__(self, path: Path, count: int):
+        self.path, self.count = path, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        try:
+            return np.array(np.load(self.path, mmap_mode="r")[row])
+        except (OSError, ValueError, IndexError) as error:
+            raise VocoInputError(f"cannot be read ({error}); run voco preprocess again", self.path) from None
 
 
 class LabelledStore:

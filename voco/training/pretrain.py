@@ -43,7 +43,7 @@ from .distributed import init_distributed, shutdown
 from .finite_steps import NonFiniteSteps
 from .saved_config import checked_config, read_saved_config
 from .schedules import build_optimizer
-from .store_steps import StoreSteps, step_loader
+from .store_steps import StoreSteps, stream_steps
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -211,7 +211,7 @@ class Pretrainer:
             return sample_batch([self.volumes[i].image for i in order], preset, config.seed, self.step,
                                 positions.tolist(), self.device)
         if self._streamed is None:
-            self._streamed = iter(step_loader(self.store_steps, self.step, config.steps, self.workers, self.device))
+            self._streamed = stream_steps(self.store_steps, self.step, config.steps, self.workers, self.device)
         samples = next(self._streamed)
         return crops_from_patches(samples.patches, samples.draws, preset, self.device)
 
@@ -255,25 +255,28 @@ class Pretrainer:
         global_batch = config.batch_size * self.dist.world_size
         started, first_step = time.perf_counter(), self.step
         with StopRequest() as stop, open(self.run_dir / METRICS_NAME, "a") as metrics:
-            while self.step < config.steps:
-                values = self.train_step()
-                self.step += 1
-                elapsed = time.perf_counter() - started
-                per_step = elapsed / (self.step - first_step)
-                if self.step % config.log_every == 0 or self.step == config.steps:
-                    record = {"step": self.step, "total": config.steps, **values,
-                              "lr": self.optimizer.param_groups[0]["lr"],
-                              "samples_per_s": global_batch / per_step, "eta_s": per_step * (config.steps - self.step)}
-                    self.reporter.emit("step", **record)
-                    if self.dist.rank == 0:
-                        metrics.write(json.dumps({k: finite_or_none(v) for k, v in record.items()}) + "\n")
-                        metrics.flush()
-                stopping = self.dist.any(stop.signal is not None)
-                if stopping or self.step % config.checkpoint_every == 0 or self.step == config.steps:
-                    self.save()
-                if stopping:
-                    self.reporter.emit("stopped", step=self.step, checkpoint=str(self.checkpoint_path))
-                    return 128 + (stop.signal or signal.SIGTERM)
+            try:
+                while self.step < config.steps:
+                    values = self.train_step()
+                    self.step += 1
+                    elapsed = time.perf_counter() - started
+                    per_step = elapsed / (self.step - first_step)
+                    if self.step % config.log_every == 0 or self.step == config.steps:
+                        record = {"step": self.step, "total": config.steps, **values,
+                                  "lr": self.optimizer.param_groups[0]["lr"],
+                                  "samples_per_s": global_batch / per_step, "eta_s": per_step * (config.steps - self.step)}
+                        self.reporter.emit("step", **record)
+                        if self.dist.rank == 0:
+                            metrics.write(json.dumps({k: finite_or_none(v) for k, v in record.items()}) + "\n")
+                            metrics.flush()
+                    stopping = self.dist.any(stop.signal is not None)
+                    if stopping or self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                        self.save()
+                    if stopping:
+                        self.reporter.emit("stopped", step=self.step, checkpoint=str(self.checkpoint_path))
+                        return 128 + (stop.signal or signal.SIGTERM)
+            finally:
+                self._streamed = None  # a store's DataLoader workers end with the run
         self.reporter.emit("done", step=self.step, checkpoint=str(self.checkpoint_path))
         return 0
 

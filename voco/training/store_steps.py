@@ -13,6 +13,8 @@ epoch in a new order: no volume is read by two ranks.
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,13 +68,46 @@ class StoreSteps(Dataset):
         return StepSamples(torch.from_numpy(np.stack(patches)), draws)
 
 
+@dataclass
+class ReadFailure:
+    """A worker's one-line error, handed to the training process as an item (a DataLoader
+    re-raises a worker's exception with the worker's whole traceback in its message)."""
+
+    message: str
+
+
+class _Reporting(Dataset):
+    def __init__(self, steps: Dataset):
+        self.steps = steps
+
+    def __getitem__(self, step: int):
+        try:
+            return self.steps[step]
+        except VocoInputError as error:
+            return ReadFailure(str(error))
+
+
 def _as_is(item):
     return item
 
 
-def step_loader(steps: StoreSteps, first: int, last: int, workers: int, device: torch.device) -> DataLoader:
-    """Items for steps ``first .. last - 1`` in order, read ahead by ``workers`` processes."""
-    return DataLoader(steps, batch_size=None, sampler=range(first, last), num_workers=workers,
-                      collate_fn=_as_is, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      # its own generator: creating the iterator must not draw from torch's global one
-                      generator=torch.Generator().manual_seed(0))
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """A front end stops a run by signalling its process group, DataLoader workers included: they
+    leave the stop to the training process, which saves its checkpoint and then ends them (a
+    worker killed by SIGTERM would make the DataLoader raise in the middle of a step)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def stream_steps(steps: Dataset, first: int, last: int, workers: int, device: torch.device) -> Iterator:
+    """Items for steps ``first .. last - 1`` in order, read ahead by ``workers`` processes; a read
+    that failed raises its one-line ``VocoInputError`` here."""
+    loader = DataLoader(_Reporting(steps), batch_size=None, sampler=range(first, last), num_workers=workers,
+                        collate_fn=_as_is, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                        worker_init_fn=_ignore_stop_signals if workers else None,
+                        # its own generator: creating the iterator must not draw from torch's global one
+                        generator=torch.Generator().manual_seed(0))
+    for item in loader:
+        if isinstance(item, ReadFailure):
+            raise VocoInputError(item.message)
+        yield item

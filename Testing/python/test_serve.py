@@ -124,6 +124,17 @@ def toy_env(toy, slow=False) -> dict:
 
 # --- the network cache ----------------------------------------------------------------------------------
 
+def test_a_kept_network_carries_no_request_s_memory_layout_into_the_next():
+    """A bfloat16 request on the CPU turns the network channels-last; a float32 one after it, on
+    the same network that voco serve kept, must compute as a cold start does."""
+    from voco.inference.sliding_window import SlidingWindowPredictor
+
+    network = torch.nn.Conv3d(2, 2, 3, padding=1).to(memory_format=torch.channels_last_3d)
+    assert not network.weight.is_contiguous()
+    SlidingWindowPredictor(network, (16, 16, 16), torch.device("cpu")).predict(torch.rand(2, 20, 20, 20), 2)
+    assert network.weight.is_contiguous()
+
+
 def test_the_cache_keeps_the_last_networks_and_reads_a_changed_package_again(tmp_path, monkeypatch):
     from voco.inference import segment as segment_module
 
@@ -189,6 +200,20 @@ def test_bad_requests_get_an_error_and_exit_2_and_the_server_answers_the_next(se
         messages[rid] = error["message"]
     assert messages["parser"] == missing_model
     assert "finetune" in messages["finetune"] and "none.nii.gz" in messages["nofile"]
+
+    server.process.stdin.flush()
+    server.process.stdin.buffer.write(b'{"id": "\xff\xfe"}\n')  # not UTF-8: it once ended the server
+    server.send("[" * 100000 + "]" * 100000)  # deeper than the JSON parser goes: that too
+    for _ in range(2):
+        error, end = server.next(), server.next()
+        assert (error["event"], end["event"], end["returncode"]) == ("error", "exit", 2), (error, end)
+    arguments = [str(image), str(tmp_path / "twice.nii.gz"), "--model", str(toy[0]), "--device", "cpu"]
+    line = json.dumps({"id": "twice", "command": "segment", "args": arguments})
+    server.send(line + "\n" + line)  # the second arrives while the first runs: refused, not mixed with it
+    seen = server.until("twice")
+    refusal = [e for e in seen if e["event"] == "error"]
+    assert len(refusal) == 1 and "request id 'twice' is queued or running already" in refusal[0]["message"]
+    assert "request" not in refusal[0] and of(seen, "twice")[-1]["returncode"] == 0
     server.segment("good", image, tmp_path / "good.nii.gz", "--model", toy[0], "--device", "cpu")
     assert of(server.until("good"), "good")[-1]["returncode"] == 0 and (tmp_path / "good.nii.gz").is_file()
     server.send({"command": "shutdown"})

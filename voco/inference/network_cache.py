@@ -41,9 +41,5 @@ class NetworkCache:
         return network
 
     def _evict(self) -> None:
-        evicted = False
-        while len(self._networks) > self.size:
+        while len(self._networks) > self.size:  # its memory goes back to the device after the request
             self._networks.popitem(last=False)
-            evicted = True
-        if evicted and torch.cuda.is_available():
-            torch.cuda.empty_cache()  # its memory goes back to the device, for other programs too

@@ -27,6 +27,7 @@ pretraining keep processes of their own (a run outlives its front end).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -121,7 +122,7 @@ class Server:
             return True
         try:
             message = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
             message = None
         if not isinstance(message, dict):
             return self._refuse(None, f"a request is one JSON object per line, got {text[:80]!r}")
@@ -141,7 +142,11 @@ class Server:
             return self._refuse(rid, '"args" must be a list of strings')
         request = Request(rid, command, args)
         with self._lock:
-            self._requests[rid] = request
+            taken = rid in self._requests
+            if not taken:
+                self._requests[rid] = request
+        if taken:  # its events and a cancel could not tell the two apart
+            return self._refuse(None, f"request id {rid!r} is queued or running already")
         self._queue.put(request)
         return True
 
@@ -174,10 +179,14 @@ class Server:
             request = self._queue.get()
             if request is None:
                 return
-            returncode = self._run(request)
-            with self._lock:
-                self._requests.pop(request.id, None)
-            self.output.emit("exit", request=request.id, returncode=returncode)
+            returncode = 1
+            try:
+                returncode = self._run(request)
+            finally:  # every request is answered, whatever ended it
+                with self._lock:
+                    self._requests.pop(request.id, None)
+                self.output.emit("exit", request=request.id, returncode=returncode)
+                release_device_memory()
 
     def _run(self, request: Request) -> int:
         from ..cli import _PATH_ERRNOS as PATH_ERRNOS
@@ -210,6 +219,15 @@ class Server:
         return self._failed(request, f"{type(exc).__name__}: {first_line(exc)}", 1)
 
 
+def release_device_memory() -> None:
+    """The memory a request's windows took goes back to the device (the networks stay), so an
+    idle server does not keep a large volume's share from a fine-tuning run started next."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def devices() -> list[str]:
     import torch
 
@@ -233,7 +251,9 @@ def cache_size(given: int | None) -> int:
 
 def serve(stdin=None, stdout=None, size: int | None = None) -> int:
     """Run the server until shutdown, the end of ``stdin`` (0) or SIGTERM / SIGINT (128 + signal)."""
-    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    # Bytes that are not UTF-8 become a request that is refused, not an error that ends the server.
+    stdin = stdin or io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+    stdout = stdout or sys.stdout
     size = cache_size(size)
     from . import segment  # noqa: F401  torch, MONAI and the networks imported before "ready": warm means warm
 

@@ -93,9 +93,10 @@ class SlidingWindowPredictor:
 
     def _predict_on_device(self, image: torch.Tensor, num_classes: int, starts) -> torch.Tensor:
         device = self.device
-        model = self.model.to(device)
-        if self._compute_dtype(device) == torch.bfloat16:
-            model = model.to(memory_format=torch.channels_last_3d)
+        # Set both ways: a network kept by voco serve must not carry one request's layout into the
+        # next (float32 gives the same result warm as cold).
+        channels_last = self._compute_dtype(device) == torch.bfloat16
+        model = self.model.to(device, memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
         scores = torch.zeros((num_classes, *image.shape[1:]), dtype=torch.float16, device=device)
         weights = torch.zeros(image.shape[1:], dtype=torch.float32, device=device)
         gaussian = gaussian_importance(self.window).to(device)

@@ -112,7 +112,9 @@ class _Server:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=200)
         self._process: subprocess.Popen | None = None
         self._requests: dict[str, WarmRequest] = {}  # sent, not ended; the oldest one runs
-        self._lock = threading.Lock()
+        self._stopping = False
+        self._lock = threading.Lock()  # the fields; never held while writing
+        self._write_lock = threading.Lock()  # whole lines in order: a request before a stop's cancel of it
         self._ready = threading.Event()
         self._ended = threading.Event()
 
@@ -144,17 +146,23 @@ class _Server:
         return error_from_log(self.stderr_tail, self._process.returncode)
 
     def send(self, request: "WarmRequest") -> bool:
-        """Send ``request``; False when the server had ended (the caller starts another). One
-        that ends after this (the write may fail then) ends the request, through its reader."""
+        """Send ``request``; False when the server had ended or is stopping, or the write found it
+        gone (the caller starts another). One that ends after this ends the request, through its reader."""
+        with self._write_lock:
+            with self._lock:
+                if not self.alive or self._stopping:
+                    return False
+                self._requests[request.id] = request
+            if self._write({"id": request.id, "command": "segment", "args": request.args}):
+                return True
         with self._lock:
-            if not self.alive:
-                return False
-            self._requests[request.id] = request
-        self._write({"id": request.id, "command": "segment", "args": request.args})
-        return True
+            self.alive = False  # its stdin is closed: nothing more can be asked of it
+            # Unless the reader has ended the request already (then it failed with the server's words).
+            return self._requests.pop(request.id, None) is None
 
     def cancel(self, request: "WarmRequest") -> None:
-        self._write({"id": request.id, "cancel": True})
+        with self._write_lock:
+            self._write({"id": request.id, "cancel": True})
 
     def kill(self) -> None:
         """For a request that did not stop in time: the whole server goes (its requests end)."""
@@ -164,16 +172,18 @@ class _Server:
     def stop(self, grace: float | None = CANCEL_GRACE_S) -> None:
         """Cancel what runs, ask it to shut down, kill it after ``grace`` s (None: never, as at
         interpreter shutdown, where no thread may start: the end of its stdin ends it); returns at once."""
-        with self._lock:
-            running = list(self._requests.values())
-        for request in running:
-            request.cancel_requested = True
-            self.cancel(request)
-        self._write({"command": "shutdown"})
-        try:
-            self._process.stdin.close()
-        except (OSError, AttributeError):
-            pass
+        with self._write_lock:
+            with self._lock:
+                self._stopping = True  # a request not registered by now goes to another server
+                running = list(self._requests.values())
+            for request in running:
+                request.cancel_requested = True
+                self._write({"id": request.id, "cancel": True})
+            self._write({"command": "shutdown"})
+            try:
+                self._process.stdin.close()
+            except (OSError, AttributeError):
+                pass
         if self._process is not None and grace is not None:
             threading.Thread(target=stop_tree, args=(self._process, grace, lambda: None), daemon=True).start()
 
@@ -211,14 +221,27 @@ class _Server:
                     del self._requests[request.id]
             if request is not None:
                 request._put(event)
+        with self._lock:
+            self.alive = False  # at once: a request sent from now on goes to a new server
         returncode = self._process.wait()
         self._stderr_thread.join(5)  # its last lines say why it ended
         with self._lock:
-            self.alive = False
             orphans, self._requests = list(self._requests.values()), {}
         for request in orphans:
             request._server_ended(returncode)
+        self._close_pipes()
         self._ended.set()
+
+    def _close_pipes(self) -> None:
+        with self._write_lock:
+            pipes = [self._process.stdin, self._process.stdout]
+            if not self._stderr_thread.is_alive():
+                pipes.append(self._process.stderr)
+            for pipe in pipes:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
 
 
 class WarmRequest:

@@ -189,6 +189,7 @@ def test_bad_requests_get_an_error_and_exit_2_and_the_server_answers_the_next(se
            ({"id": "finetune", "command": "finetune", "args": []}, "finetune"),
            ({"id": "types", "command": "segment", "args": [1, 2]}, "types"),
            ({"id": "parser", "command": "segment", "args": [str(image), str(tmp_path / "x.nii.gz")]}, "parser"),
+           ({"id": "help", "command": "segment", "args": ["--help"]}, "help"),  # its text is no event: not on stdout
            ({"id": "nofile", "command": "segment", "args": [str(tmp_path / "none.nii.gz"), str(tmp_path / "y.nii.gz"),
                                                              "--model", str(toy[0]), "--device", "cpu"]}, "nofile")]
     messages = {}

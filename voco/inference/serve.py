@@ -27,6 +27,7 @@ pretraining keep processes of their own (a run outlives its front end).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -197,7 +198,8 @@ class Server:
             self.output.emit("cancelled", request=request.id, message="cancelled before it started")
             return CANCELLED_CODE
         try:
-            args = self.parser.parse_args([request.command, *request.args])
+            with contextlib.redirect_stdout(io.StringIO()):  # --help would print on the protocol's stdout
+                args = self.parser.parse_args([request.command, *request.args])
             return segment_from_args(args, reporter, networks=self.networks)
         except VocoInputError as exc:
             return self._failed(request, str(exc), 2)

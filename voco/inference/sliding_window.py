@@ -95,8 +95,8 @@ class SlidingWindowPredictor:
         device = self.device
         # Set both ways: a network kept by voco serve must not carry one request's layout into the
         # next (float32 gives the same result warm as cold).
-        channels_last = self._compute_dtype(device) == torch.bfloat16
-        model = self.model.to(device, memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+        layout = torch.channels_last_3d if self._compute_dtype(device) == torch.bfloat16 else torch.contiguous_format
+        model = self.model.to(device, memory_format=layout)
         scores = torch.zeros((num_classes, *image.shape[1:]), dtype=torch.float16, device=device)
         weights = torch.zeros(image.shape[1:], dtype=torch.float32, device=device)
         gaussian = gaussian_importance(self.window).to(device)

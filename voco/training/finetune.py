@@ -146,15 +146,11 @@ class Finetuner:
             for entry in self.store.store.skipped:
                 reporter.emit("warning", message=f"not in the store: {entry['reason']}", file=entry["source"])
         self.labels = self._labels(pairs, card, state)
-        if self.store:
-            unnamed = sorted(self.store.label_values - {0} - {label.value for label in self.labels})
-            if unnamed:
-                raise VocoInputError(f"has label value {unnamed[0]}, which the model's labels do not name",
-                                     self.store.store.folder)
         self.lookup = np.zeros(max(label.value for label in self.labels) + 1, dtype=np.uint8)
         for index, label in enumerate(self.labels, start=1):
             self.lookup[label.value] = index
         if self.store:
+            self.store.require_named(self.labels)
             self.cases, self.modality = self.store.cases, self.store.modality
         else:
             self.cases = self._cached_cases(pairs, case_cache)

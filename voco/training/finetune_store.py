@@ -31,16 +31,14 @@ class StoredCase:
         self.label_file = VolumeFile(folder / label_key(entry["key"]))
         self.foreground = ForegroundRows(folder / foreground_key(entry["key"]), entry["foreground_voxels"])
 
-    def region(self, start, edge: int, lookup: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """The image patch (float32) and its network classes (uint8) at ``start``."""
-        shape = (edge,) * 3
+    def region(self, start, shape, lookup: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image (float32) and its network classes (uint8) in ``shape`` voxels from ``start``."""
         classes = lookup[self.label_file.read_stored_patch(start, shape)]
         return torch.from_numpy(self.image_file.read_patch(start, shape)), torch.from_numpy(classes)
 
     def whole(self, lookup: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole image and its classes (validation)."""
-        classes = lookup[self.label_file.read_stored_patch((0, 0, 0), self.shape)]
-        return torch.from_numpy(self.image_file.read()), torch.from_numpy(classes)
+        return self.region((0, 0, 0), self.shape, lookup)
 
 
 class ForegroundRows:
@@ -96,6 +94,14 @@ class LabelledStore:
                                  folder)
 
 
+    def require_named(self, labels) -> None:
+        """Refuse a store holding a label value the run's labels (a resumed run's) do not name."""
+        unnamed = sorted(self.label_values - {0} - {label.value for label in labels})
+        if unnamed:
+            raise VocoInputError(f"has label value {unnamed[0]}, which the model's labels do not name",
+                                 self.store.folder)
+
+
 def _mm(spacing) -> str:
     return "x".join(f"{v:g}" for v in spacing) + " mm"
 
@@ -112,7 +118,8 @@ class FinetuneSteps(Dataset):
         images, targets = [], []
         for index in range(self.batch_size):
             draw = draw_patch(self.cases, self.edge, self.positive_fraction, self.seed, step, index)
-            image, target = augment_patch(*self.cases[draw.case].region(draw.start, self.edge, self.lookup), draw)
+            patch = self.cases[draw.case].region(draw.start, (self.edge,) * 3, self.lookup)
+            image, target = augment_patch(*patch, draw)
             images.append(image)
             targets.append(target)
         return torch.stack(images), torch.stack(targets)
